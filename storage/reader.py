@@ -1,0 +1,235 @@
+"""Read logit shard sets back as flat numpy arrays, decoded and checksum-verified.
+
+Arrow stores ``topk_*`` as list<fixed_size_list<V, k>>: one contiguous value buffer plus row
+offsets. Decoding is therefore a few zero-copy views and one vectorised codec call per shard;
+no Python code touches individual tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.layout import ShardSetLayout
+from storage.manifest import DoneRecord, Plan, read_done, read_plan, verify_shard
+from storage.schema import FORMAT_VERSION, ShardSetMetadata, read_metadata
+
+
+class IncompleteShardSetError(RuntimeError):
+    """``strict=True`` and some planned shard has no valid completion record."""
+
+
+class ShardCorruptedError(RuntimeError):
+    """A shard's bytes or footer disagree with its completion record or the plan."""
+
+
+@dataclass
+class LogitBatch:
+    """R rows with T positions in total, flattened in row order."""
+
+    ids: list[str]  # [R]
+    row_offsets: np.ndarray  # int64 [R+1]; row i is positions row_offsets[i]:row_offsets[i+1]
+    input_ids: np.ndarray  # int32 [T]
+    prompt_len: np.ndarray  # int32 [R]
+    topk_ids: np.ndarray  # int32 [T, k]
+    topk_logprobs: np.ndarray  # float32 [T, k], decoded
+    next_logprob: np.ndarray  # float32 [T]; NaN at each row's last position
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.row_offsets[-1])
+
+    @property
+    def k(self) -> int:
+        return int(self.topk_ids.shape[1])
+
+    def row(self, i: int) -> dict[str, Any]:
+        """Views (not copies) of row ``i``'s slices."""
+        a, b = int(self.row_offsets[i]), int(self.row_offsets[i + 1])
+        return {
+            "id": self.ids[i],
+            "input_ids": self.input_ids[a:b],
+            "prompt_len": int(self.prompt_len[i]),
+            "topk_ids": self.topk_ids[a:b],
+            "topk_logprobs": self.topk_logprobs[a:b],
+            "next_logprob": self.next_logprob[a:b],
+        }
+
+
+def _array(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _offsets(arr: pa.ListArray, name: str) -> np.ndarray:
+    if arr.null_count:
+        raise ValueError(f"column {name} has null rows")
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    if offsets.size == 0:  # Arrow allows an empty offsets buffer for zero rows
+        return np.zeros(1, dtype=np.int64)
+    return offsets - offsets[0]
+
+
+def _nested_values(table: pa.Table, name: str, k: int, offsets: np.ndarray) -> np.ndarray:
+    """list<fixed_size_list<V, k>> column -> numpy [T, k], checking it matches ``offsets``."""
+    arr = _array(table.column(name))
+    if not np.array_equal(_offsets(arr, name), offsets):
+        raise ValueError(f"column {name} has different row lengths than input_ids")
+    inner = arr.flatten()
+    if inner.type.list_size != k:
+        raise ValueError(f"column {name} has k={inner.type.list_size}, metadata says k={k}")
+    if inner.null_count:
+        raise ValueError(f"column {name} has null positions")
+    values = inner.flatten()
+    if values.null_count:
+        raise ValueError(f"column {name} has null values")
+    return values.to_numpy(zero_copy_only=False).reshape(-1, k)
+
+
+def _numpy(arr: pa.Array, dtype: type) -> np.ndarray:
+    return arr.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+
+
+def decode_logit_table(table: pa.Table, metadata: ShardSetMetadata) -> LogitBatch:
+    """Flatten a logit table into a :class:`LogitBatch`, decoding ``topk_logprobs``."""
+    codec = metadata.make_codec()
+    input_ids = _array(table.column("input_ids"))
+    offsets = _offsets(input_ids, "input_ids")
+    next_lp = _array(table.column("next_logprob"))
+    if not np.array_equal(_offsets(next_lp, "next_logprob"), offsets):
+        raise ValueError("column next_logprob has different row lengths than input_ids")
+    topk_ids = _nested_values(table, "topk_ids", metadata.k, offsets)
+    topk_values = _nested_values(table, "topk_logprobs", metadata.k, offsets)
+    return LogitBatch(
+        ids=table.column("id").to_pylist(),
+        row_offsets=offsets,
+        input_ids=_numpy(input_ids.flatten(), np.int32),
+        prompt_len=_numpy(_array(table.column("prompt_len")), np.int32),
+        topk_ids=topk_ids.astype(np.int32, copy=False),
+        topk_logprobs=codec.decode(topk_values),
+        next_logprob=_numpy(next_lp.flatten(), np.float32),
+    )
+
+
+@dataclass
+class ShardSet:
+    """A shard set opened for reading. Only shards with a valid completion record exist."""
+
+    layout: ShardSetLayout
+    plan: Plan
+    _metadata: ShardSetMetadata | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, url: str, **storage_options: Any) -> ShardSet:
+        layout = ShardSetLayout.from_url(url, **storage_options)
+        plan = read_plan(layout)
+        if plan is None:
+            raise FileNotFoundError(
+                f"{layout.url} is not a logitforge shard set: no .logitforge/plan.json"
+            )
+        if plan.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"plan format_version {plan.format_version} is newer than this logitforge "
+                f"understands ({FORMAT_VERSION})"
+            )
+        return cls(layout=layout, plan=plan)
+
+    def check(self, check_sha256: bool = True) -> dict[int, str]:
+        """Reason per planned shard ("ok" when valid)."""
+        return {
+            i: verify_shard(self.layout, self.plan, i, check_sha256)[1]
+            for i in range(self.plan.num_shards)
+        }
+
+    def _valid_indices(self, strict: bool, check_sha256: bool) -> list[int]:
+        reasons = self.check(check_sha256)
+        bad = {i: r for i, r in reasons.items() if r != "ok"}
+        if strict and bad:
+            shown = "; ".join(f"{self.plan.shard(i).name}: {r}" for i, r in list(bad.items())[:5])
+            more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+            raise IncompleteShardSetError(
+                f"{len(bad)} of {self.plan.num_shards} shards are not complete: {shown}{more}"
+            )
+        return [i for i in reasons if i not in bad]
+
+    def shard_paths(self, strict: bool = False, check_sha256: bool = True) -> list[str]:
+        """Paths (without protocol) of complete, intact shards, in plan order."""
+        return [
+            self.layout.data_file(self.plan.shard(i).name)
+            for i in self._valid_indices(strict, check_sha256)
+        ]
+
+    def done_records(self) -> list[DoneRecord]:
+        return [r for i in range(self.plan.num_shards) if (r := read_done(self.layout, i))]
+
+    @property
+    def metadata(self) -> ShardSetMetadata:
+        """Metadata from the footer of the first complete shard."""
+        if self._metadata is None:
+            for path in self.shard_paths(check_sha256=False):
+                try:
+                    with self.layout.fs.open(path, "rb") as f:
+                        self._metadata = read_metadata(pq.read_schema(f))
+                    break
+                except (pa.ArrowException, ValueError, OSError):
+                    continue  # a damaged footer; reading that shard will report it
+            else:
+                raise ValueError(f"{self.layout.url} has no readable complete shards")
+        return self._metadata
+
+    def _read_shard(self, index: int) -> pa.Table:
+        """Read shard bytes once, verify them against the record, then parse them."""
+        record = read_done(self.layout, index)
+        path = self.layout.data_file(self.plan.shard(index).name)
+        data = self.layout.fs.cat_file(path)
+        if record is None or hashlib.sha256(data).hexdigest() != record.sha256:
+            raise ShardCorruptedError(f"{path}: sha256 mismatch, shard corrupted or replaced")
+        table = pq.read_table(pa.BufferReader(data))
+        meta = read_metadata(table.schema)
+        if meta.plan_fingerprint != self.plan.fingerprint:
+            raise ShardCorruptedError(f"{path}: written for another plan")
+        if self._metadata is None:
+            self._metadata = meta
+        expected = self._metadata
+        if (meta.codec, meta.codec_params, meta.k) != (
+            expected.codec,
+            expected.codec_params,
+            expected.k,
+        ):
+            raise ShardCorruptedError(f"{path}: codec or k differ from the first shard")
+        return table
+
+    def iter_tables(self, strict: bool = False) -> Iterator[pa.Table]:
+        """One verified Arrow table per complete shard. Corrupt shards raise if ``strict``,
+        else are skipped with a warning (never read silently)."""
+        for i in self._valid_indices(strict, check_sha256=False):
+            try:
+                yield self._read_shard(i)
+            except ShardCorruptedError as e:
+                if strict:
+                    raise
+                warnings.warn(f"skipping shard: {e}", RuntimeWarning, stacklevel=2)
+
+    def iter_batches(self, strict: bool = False) -> Iterator[LogitBatch]:
+        """One decoded :class:`LogitBatch` per complete shard, in plan order."""
+        for table in self.iter_tables(strict):
+            yield decode_logit_table(table, self.metadata)
+
+    def read_table(self, strict: bool = False) -> pa.Table:
+        tables = list(self.iter_tables(strict))
+        if not tables:
+            raise ValueError(f"{self.layout.url} has no complete shards to read")
+        return pa.concat_tables(tables)
+
+    def to_batch(self, strict: bool = False) -> LogitBatch:
+        return decode_logit_table(self.read_table(strict), self.metadata)
