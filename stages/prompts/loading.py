@@ -1,0 +1,224 @@
+"""Read input rows (JSONL, Parquet, `datasets`) and fingerprint the input.
+
+JSONL is read as bytes, line by line, so that a bad line is reported by its line number instead of
+by a decoder error deep inside a library.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .options import InputOptions
+from .records import INVALID_JSON, InputError
+
+Format = Literal["jsonl", "parquet", "datasets"]
+_CHUNK = 1 << 20
+
+
+@dataclass
+class InputRows:
+    """Rows plus where each came from, so that errors can name the file line.
+
+    Indices are global: ``start`` is the input row number of ``rows[0]``, and ``bad_utf8`` is keyed
+    by global row, so a slice handed to one shard still reports the row of the whole input.
+    """
+
+    rows: list[dict[str, Any]]
+    source: str | None = None  # file or dataset name for messages
+    lines: list[int] | None = None  # [len(rows)] 1-based JSONL line numbers
+    bad_utf8: dict[int, str] = field(default_factory=dict)  # global row -> what was wrong
+    start: int = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.rows)
+
+    def line(self, i: int) -> int | None:
+        """1-based file line of local row ``i`` (JSONL only)."""
+        return self.lines[i] if self.lines is not None else None
+
+    def slice(self, begin: int, end: int) -> InputRows:
+        """Local rows ``[begin, end)`` keeping their global row numbers."""
+        lo, hi = self.start + begin, self.start + end
+        return InputRows(
+            rows=self.rows[begin:end],
+            source=self.source,
+            lines=self.lines[begin:end] if self.lines is not None else None,
+            bad_utf8={r: d for r, d in self.bad_utf8.items() if lo <= r < hi},
+            start=lo,
+        )
+
+
+def _visible_files(root: Path, pattern: str = "*") -> list[Path]:
+    """Regular files under ``root`` in a stable order, ignoring hidden paths (.git, caches)."""
+    return sorted(
+        (
+            p
+            for p in root.rglob(pattern)
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        ),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+    )
+
+
+def resolve_format(opts: InputOptions) -> Format:
+    """The concrete reader for ``opts`` (see `InputOptions` for the ``auto`` rule)."""
+    if opts.format != "auto":
+        return opts.format
+    path = Path(opts.path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if suffix == ".parquet":
+        return "parquet"
+    if path.is_dir() and not _is_saved_dataset(path):
+        files = _visible_files(path)
+        if files and all(p.suffix.lower() == ".parquet" for p in files):
+            return "parquet"
+    # Anything else (dataset repo folders with splits, Hub ids) is best understood by `datasets`.
+    return "datasets"
+
+
+def _read_jsonl(path: Path, limit: int | None) -> InputRows:
+    rows: list[dict[str, Any]] = []
+    lines: list[int] = []
+    bad: dict[int, str] = {}
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if limit is not None and len(rows) >= limit:
+                break
+            if not raw.strip():
+                continue
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad[len(rows)] = (
+                    f"line is not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 4]!r})"
+                )
+                # Keep parsing so the id can still be reported; the bad bytes become lone
+                # surrogates that never reach the tokenizer because the row is rejected.
+                text = raw.decode("utf-8", "surrogateescape")
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise InputError(
+                    len(rows),
+                    None,
+                    INVALID_JSON,
+                    f"invalid JSON: {e.msg} (column {e.colno})",
+                    line=lineno,
+                    source=path.name,
+                ) from None
+            if not isinstance(obj, dict):
+                raise InputError(
+                    len(rows),
+                    None,
+                    INVALID_JSON,
+                    f"line holds a JSON {type(obj).__name__}, not an object",
+                    line=lineno,
+                    source=path.name,
+                )
+            rows.append(obj)
+            lines.append(lineno)
+    return InputRows(rows=rows, source=path.name, lines=lines, bad_utf8=bad)
+
+
+def _read_parquet(path: Path, limit: int | None) -> InputRows:
+    import pyarrow.parquet as pq
+
+    files = [path] if path.is_file() else _visible_files(path, "*.parquet")
+    if not files:
+        raise FileNotFoundError(f"no parquet files under {path}")
+    rows: list[dict[str, Any]] = []
+    for file in files:
+        for batch in pq.ParquetFile(file).iter_batches(batch_size=65536):
+            if limit is not None and len(rows) + batch.num_rows > limit:
+                batch = batch.slice(0, limit - len(rows))
+            rows.extend(batch.to_pylist())
+            if limit is not None and len(rows) >= limit:
+                return InputRows(rows=rows, source=path.name)
+    return InputRows(rows=rows, source=path.name)
+
+
+def _open_dataset(opts: InputOptions) -> Any:
+    import datasets
+
+    path = Path(opts.path)
+    if _is_saved_dataset(path):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if opts.split not in ds:
+                raise ValueError(f"{opts.path} has no split {opts.split!r}; it has {sorted(ds)}")
+            ds = ds[opts.split]
+        return ds
+    return datasets.load_dataset(opts.path, split=opts.split)
+
+
+def _read_datasets(opts: InputOptions) -> InputRows:
+    ds = _open_dataset(opts)
+    if opts.limit is not None and opts.limit < len(ds):
+        ds = ds.select(range(opts.limit))
+    return InputRows(rows=ds.to_list(), source=Path(opts.path).name or opts.path)
+
+
+def load_rows(opts: InputOptions) -> InputRows:
+    """All input rows (up to ``opts.limit``) as dicts, with their provenance.
+
+    Raises `InputError` (reason ``invalid_json``) for a JSONL line that is not a JSON object:
+    such a line is not a data row, so it cannot be skipped and counted like one.
+    """
+    fmt = resolve_format(opts)
+    path = Path(opts.path)
+    if fmt == "jsonl":
+        return _read_jsonl(path, opts.limit)
+    if fmt == "parquet":
+        return _read_parquet(path, opts.limit)
+    return _read_datasets(opts)
+
+
+def _hash_file(h: Any, path: Path) -> None:
+    h.update(path.stat().st_size.to_bytes(8, "little"))
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+
+
+def input_fingerprint(opts: InputOptions) -> str:
+    """sha256 over the input's bytes and the options that decide which rows are read.
+
+    Local inputs are content-addressed (file bytes, and relative names inside a directory), so a
+    moved or copied input keeps its fingerprint; a Hub dataset uses its ``datasets`` fingerprint.
+    """
+    h = hashlib.sha256(b"logitforge-input-v1\0")
+    options = opts.model_dump(exclude={"path"})
+    options["format"] = resolve_format(opts)
+    h.update(json.dumps(options, sort_keys=True).encode())
+    path = Path(opts.path)
+    if path.is_file():
+        h.update(b"\0file\0")
+        _hash_file(h, path)
+    elif path.is_dir():
+        for file in _visible_files(path):
+            rel = file.relative_to(path).as_posix().encode()
+            h.update(b"\0file\0" + len(rel).to_bytes(4, "little") + rel)
+            _hash_file(h, file)
+    else:
+        ds = _open_dataset(opts)
+        h.update(b"\0hub\0" + opts.path.encode() + b"\0" + ds._fingerprint.encode())
+    return h.hexdigest()
