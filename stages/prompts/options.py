@@ -34,9 +34,9 @@ class PrepareOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # Max tokens per row; the pipeline passes the teacher's max_model_len - 1 so that the
-    # prediction after the last token still fits.
-    max_length: int = Field(gt=0)
+    # Max tokens per row; None means no limit of its own. The pipeline always caps it at the
+    # teacher's max_model_len - 1 so that the prediction after the last token still fits.
+    max_length: int | None = Field(default=None, gt=0)
     on_too_long: Literal["truncate", "skip", "error"] = "truncate"
     on_invalid: Literal["error", "skip"] = "error"
     # Applies to text and prompt+completion rows only: a rendered chat template carries its own

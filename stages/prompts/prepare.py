@@ -162,7 +162,7 @@ def prepare_prompts(
         start, end = byte_spans(p.text, offsets)
         n = len(ids)
         prompt_len = n if p.prompt_bytes is None else count_prompt_tokens(start, p.prompt_bytes)
-        truncated = n > opts.max_length
+        truncated = opts.max_length is not None and n > opts.max_length
         if truncated:
             if opts.on_too_long != "truncate":
                 detail = f"{n} tokens, more than max_length {opts.max_length}"

@@ -1,0 +1,111 @@
+"""`logitforge` command line: cache-teacher, build-teacher, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/cache-teacher.yaml"
+
+
+def _cache_teacher(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.execute import run_cache_teacher
+
+    overrides = list(args.set or [])
+    if args.output:
+        overrides.append(f"output.path={args.output}")
+    if args.scheduler:
+        overrides.append(f"cluster.scheduler={args.scheduler}")
+    if args.n_workers:
+        overrides.append(f"cluster.n_workers={args.n_workers}")
+    if args.overwrite:
+        overrides.append("output.overwrite=true")
+    cfg = load_config(args.config, overrides)
+    summary = run_cache_teacher(cfg, log=lambda msg: print(msg, flush=True))
+    print(summary.render(), flush=True)
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
+    return 0
+
+
+def _build_teacher(args: argparse.Namespace) -> int:
+    from pipeline.demo.build import DEFAULT_TEACHER_DIR, build_teacher
+
+    build_teacher(Path(args.out) if args.out else DEFAULT_TEACHER_DIR, force=args.force)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from storage.reader import ShardSet
+
+    shard_set = ShardSet.open(args.path)
+    print(shard_set.metadata.model_dump_json(indent=2))
+    paths = shard_set.shard_paths()
+    print(f"{len(paths)} complete shard(s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="logitforge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cache = sub.add_parser(
+        "cache-teacher", help="cache a teacher's top-k logprobs into a Parquet shard set"
+    )
+    cache.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config")
+    cache.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override, e.g. teacher.k=32"
+    )
+    cache.add_argument("--output", help="output folder or fsspec URL (output.path)")
+    cache.add_argument("--scheduler", help="address of a running Dask scheduler")
+    cache.add_argument("--n-workers", type=int, help="LocalCluster worker processes")
+    cache.add_argument(
+        "--overwrite", action="store_true", help="replace a shard set made from another config"
+    )
+    cache.add_argument("--summary-json", help="also write the summary as JSON here")
+    cache.set_defaults(func=_cache_teacher)
+
+    build = sub.add_parser("build-teacher", help="build the embedded tiny arithmetic teacher")
+    build.add_argument("--out", help="output folder")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.set_defaults(func=_build_teacher)
+
+    inspect = sub.add_parser("inspect", help="print a shard set's metadata")
+    inspect.add_argument("path")
+    inspect.set_defaults(func=_inspect)
+    return parser
+
+
+def quiet_engines() -> None:
+    """Default vLLM and Dask to warnings only (set before they are imported; workers inherit).
+
+    Their INFO lines would bury the progress and summary; the variables still win when set.
+    """
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_engines()
+    logging.basicConfig(level=os.environ.get("LOGITFORGE_LOG_LEVEL", "WARNING"))
+    from pydantic import ValidationError
+
+    from stages.prompts import InputError
+    from storage.manifest import PlanMismatchError
+
+    try:
+        return args.func(args)
+    except (InputError, PlanMismatchError, ValidationError, FileNotFoundError, ValueError) as e:
+        print(f"logitforge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Configuration of a cache-teacher run: YAML validated by pydantic, plus CLI overrides.
+
+Each section is owned by the component it configures (the input and teacher sections are the
+stages' own option models); this module only composes them, loads YAML, applies
+`section.key=value` overrides and says which fields define the output (the plan fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from stages.prompts import InputOptions, PrepareOptions
+from stages.teacher import TeacherOptions
+
+
+class OutputOptions(BaseModel):
+    """Where and how shards are written."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="Local folder or fsspec URL of the shard set.")
+    rows_per_shard: int = Field(256, ge=1)
+    codec: str = Field("fp16", description="Top-k logprob codec: fp32, fp16, q8.")
+    codec_params: dict[str, Any] = Field(default_factory=dict)
+    overwrite: bool = Field(False, description="Replace a shard set made from another config.")
+
+
+class ClusterOptions(BaseModel):
+    """Dask execution: an embedded LocalCluster unless `scheduler` names a running one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheduler: str | None = Field(None, description="e.g. tcp://host:8786; None = LocalCluster.")
+    n_workers: int = Field(1, ge=1, description="LocalCluster worker processes (one engine each).")
+    memory_limit: str = "auto"
+    gpus_per_worker: int = Field(
+        0, ge=0, description="GPU resources per local worker; >0 makes tasks request GPUs."
+    )
+    use_gpu_resources: bool = Field(
+        False, description="Tasks request {'GPU': tensor_parallel_size} on an external cluster."
+    )
+    retries: int = Field(2, ge=0, description="Dask retries per shard task.")
+    dashboard: bool = False
+
+
+class CacheTeacherConfig(BaseModel):
+    """The whole `logitforge cache-teacher` job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: InputOptions
+    prompts: PrepareOptions = Field(default_factory=PrepareOptions)
+    teacher: TeacherOptions
+    output: OutputOptions
+    cluster: ClusterOptions = Field(default_factory=ClusterOptions)
+
+    @property
+    def task_resources(self) -> dict[str, float] | None:
+        if self.cluster.gpus_per_worker > 0 or self.cluster.use_gpu_resources:
+            return {"GPU": float(self.teacher.tensor_parallel_size)}
+        return None
+
+    def output_defining(self) -> dict[str, Any]:
+        """The fields that change what is written; runtime knobs (cluster, cache sizes) don't."""
+        teacher = self.teacher.model_dump(
+            include={"model", "revision", "tokenizer", "engine", "k", "dtype", "max_model_len"}
+        )
+        output = self.output.model_dump(include={"rows_per_shard", "codec", "codec_params"})
+        return {
+            "input": self.input.model_dump(),
+            "prompts": self.prompts.model_dump(),
+            "teacher": teacher,
+            "output": output,
+        }
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`teacher.k=32` -> (["teacher", "k"], 32); the value is read as YAML."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ValueError(f"override {text!r} has an empty key")
+    return path, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> CacheTeacherConfig:
+    """Read a YAML config (or start empty), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config must be a YAML mapping")
+    return CacheTeacherConfig.model_validate(apply_overrides(data, overrides or []))
+
+
+def fingerprint(payload: Any) -> str:
+    """Stable sha256 of JSON-able data (sorted keys), as hex."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

@@ -1,0 +1,237 @@
+"""Run a cache-teacher job on Dask: plan, submit one task per missing shard, report.
+
+The driver never touches model weights: it plans (validating input before any engine
+starts), checks which shards already have valid completion records, submits the rest to the
+cluster and prints progress as shards land. Resume is simply running the same job again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import dask
+from distributed import Client, LocalCluster, as_completed
+
+from pipeline.config import CacheTeacherConfig
+from pipeline.plan import make_plan
+from pipeline.workers import ensure_engine_plugin, worker_engine
+from stages.teacher.stage import TeacherShardTask, run_teacher_shard
+from storage.card import write_dataset_card
+from storage.layout import ShardSetLayout
+from storage.manifest import DoneRecord, Plan, read_done, verify_shard
+from storage.reader import ShardSet
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports (printed by the CLI, also returned to callers)."""
+
+    output: str
+    rows: int
+    tokens: int
+    shards: int
+    shards_run: int
+    shards_reused: int
+    input_rows: int
+    skipped: dict[str, int]
+    truncated: int
+    wall_s: float
+    plan_s: float  # reading, validating and tokenizing the input (0 when the plan is reused)
+    engine_s: float
+    bytes: int
+    tokens_run: int  # tokens of the shards run now (the ones `engine_s` timed)
+    redone: dict[str, str] = field(default_factory=dict)  # shard -> why it was redone
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / self.tokens if self.tokens else 0.0
+
+    @property
+    def engine_tokens_per_s(self) -> float:
+        """Tokens over summed task time (read+score+encode+write) of the shards run now."""
+        return self.tokens_run / self.engine_s if self.engine_s else 0.0
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["bytes_per_token"] = self.bytes_per_token
+        out["task_tokens_per_s"] = self.engine_tokens_per_s
+        return out
+
+    def render(self) -> str:
+        skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
+        lines = [
+            "cache-teacher summary",
+            f"  output         {self.output}",
+            f"  shards         {self.shards} ({self.shards_run} run now, "
+            f"{self.shards_reused} already done)",
+            f"  rows           {self.rows:,} of {self.input_rows:,} input rows",
+            f"  skipped rows   {skipped}",
+            f"  truncated rows {self.truncated:,}",
+            f"  tokens         {self.tokens:,}",
+            f"  throughput     {self.engine_tokens_per_s:,.0f} tokens/s in tasks; "
+            f"wall {self.wall_s:,.1f} s including cluster and engine start",
+            f"  on disk        {self.bytes:,} bytes ({self.bytes_per_token:,.1f} bytes/token)",
+            "  load it        datasets.load_dataset"
+            f"({self.output!r}) or storage.reader.ShardSet.open({self.output!r})",
+        ]
+        for shard, why in sorted(self.redone.items()):
+            lines.append(f"  redone         {shard}: {why}")
+        return "\n".join(lines)
+
+
+def _task(task_json: str) -> dict:
+    """The Dask task: one shard. JSON in and out so nothing but plain data crosses processes."""
+    task = TeacherShardTask.model_validate_json(task_json)
+    return run_teacher_shard(task, worker_engine()).model_dump(mode="json")
+
+
+@contextlib.contextmanager
+def dask_client(cfg: CacheTeacherConfig, log: Log) -> Iterator[Client]:
+    """Attach to `cluster.scheduler`, or start a LocalCluster of non-daemonic workers."""
+    if cfg.cluster.scheduler:
+        log(f"attaching to Dask scheduler {cfg.cluster.scheduler}")
+        with Client(cfg.cluster.scheduler) as client:
+            yield client
+        return
+    # vLLM starts its own engine process; daemonic worker processes may not have children.
+    with dask.config.set({"distributed.worker.daemon": False}):
+        resources = {"GPU": cfg.cluster.gpus_per_worker} if cfg.cluster.gpus_per_worker else None
+        cluster = LocalCluster(
+            n_workers=cfg.cluster.n_workers,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit=cfg.cluster.memory_limit,
+            resources=resources,
+            dashboard_address=":0" if cfg.cluster.dashboard else None,
+        )
+        with cluster, Client(cluster) as client:
+            log(f"started LocalCluster with {cfg.cluster.n_workers} worker process(es)")
+            yield client
+
+
+def _task_spec(cfg: CacheTeacherConfig, plan: Plan, index: int, tok_fp: str) -> str:
+    return TeacherShardTask(
+        output_url=cfg.output.path,
+        index=index,
+        num_shards=plan.num_shards,
+        plan_fingerprint=plan.fingerprint,
+        prompts_sha256=plan.shard(index).prompts_sha256,
+        codec=cfg.output.codec,
+        codec_params=cfg.output.codec_params,
+        metadata={
+            "kind": "teacher_logits",
+            "teacher_model": cfg.teacher.model,
+            "teacher_revision": cfg.teacher.revision,
+            "tokenizer_fingerprint": tok_fp,
+            "logprobs_mode": "raw_logprobs",
+        },
+    ).model_dump_json()
+
+
+def run_cache_teacher(
+    cfg: CacheTeacherConfig, *, client: Client | None = None, log: Log = print
+) -> RunSummary:
+    """Plan, run the missing shards on Dask and write the dataset card. Idempotent."""
+    started = time.perf_counter()
+    layout = ShardSetLayout.from_url(cfg.output.path)
+    outcome = make_plan(cfg, layout, log=log)
+    plan_s = time.perf_counter() - started
+    plan = outcome.plan
+    log(
+        f"plan {plan.fingerprint[:12]}: {plan.num_rows:,} rows in {plan.num_shards} shards"
+        + (" (resuming)" if outcome.reused else "")
+    )
+
+    todo: list[int] = []
+    redone: dict[str, str] = {}
+    for shard in plan.shards:
+        ok, why = verify_shard(layout, plan, shard.index)
+        if not ok:
+            todo.append(shard.index)
+            if why != "no completion record":
+                redone[shard.name] = why
+                log(f"redoing {shard.name}: {why}")
+
+    records: dict[int, DoneRecord] = {}
+    if todo:
+        with contextlib.ExitStack() as stack:
+            if client is None:
+                client = stack.enter_context(dask_client(cfg, log))
+            records = _run_tasks(cfg, plan, todo, outcome.tokenizer_fingerprint, client, log)
+    else:
+        log("every shard is already done; nothing to run")
+
+    all_records = [records.get(i) or read_done(layout, i) for i in range(plan.num_shards)]
+    if any(r is None for r in all_records):
+        missing = [plan.shard(i).name for i, r in enumerate(all_records) if r is None]
+        raise RuntimeError(f"shards still missing after the run: {missing}")
+    run_records = list(records.values())
+    summary = RunSummary(
+        output=cfg.output.path,
+        rows=sum(r.rows for r in all_records),
+        tokens=sum(r.tokens for r in all_records),
+        shards=plan.num_shards,
+        shards_run=len(run_records),
+        shards_reused=plan.num_shards - len(run_records),
+        input_rows=int(plan.extra.get("num_input_rows", plan.num_rows)),
+        skipped=dict(plan.skipped),
+        truncated=int(plan.extra.get("num_truncated", 0)),
+        wall_s=time.perf_counter() - started,
+        plan_s=plan_s,
+        engine_s=sum(r.timings.get("total_s", 0.0) for r in run_records),
+        bytes=sum(r.bytes for r in all_records),
+        tokens_run=sum(r.tokens for r in run_records),
+        redone=redone,
+    )
+    metadata = ShardSet.open(layout.url).metadata
+    card_summary = {k: v for k, v in summary.as_dict().items() if k not in {"redone", "output"}}
+    write_dataset_card(layout, metadata, card_summary)
+    return summary
+
+
+def _run_tasks(
+    cfg: CacheTeacherConfig,
+    plan: Plan,
+    todo: list[int],
+    tok_fp: str,
+    client: Client,
+    log: Log,
+) -> dict[int, DoneRecord]:
+    ensure_engine_plugin(client, cfg.teacher)
+    # Keys are unique per run: a key still held by the scheduler from an earlier run on the
+    # same cluster would hand back that run's result instead of redoing the shard.
+    run_id = uuid.uuid4().hex[:8]
+    futures = [
+        client.submit(
+            _task,
+            _task_spec(cfg, plan, index, tok_fp),
+            key=f"teacher-{plan.fingerprint[:12]}-{index:05d}-{run_id}",
+            retries=cfg.cluster.retries,
+            resources=cfg.task_resources,
+            pure=False,
+        )
+        for index in todo
+    ]
+    log(f"submitted {len(futures)} shard task(s); the first waits for the engine to load")
+    records: dict[int, DoneRecord] = {}
+    rows = tokens = 0
+    task_s = 0.0
+    for future in as_completed(futures):
+        record = DoneRecord.model_validate(future.result())
+        records[record.index] = record
+        rows += record.rows
+        tokens += record.tokens
+        task_s += record.timings.get("total_s", 0.0)
+        # Rate over task time: the engine's one-off start would swamp a wall-clock rate.
+        log(
+            f"[{len(records)}/{len(futures)} shards] {record.shard}: {record.rows} rows, "
+            f"{record.tokens:,} tokens in {record.timings.get('total_s', 0):.1f} s | "
+            f"total {rows:,} rows, {tokens:,} tokens, {tokens / max(task_s, 1e-9):,.0f} tokens/s"
+        )
+    return records

@@ -1,0 +1,127 @@
+"""vLLM teacher: teacher-forced top-k scoring with prompt logprobs.
+
+One `generate` call per shard: vLLM batches the rows itself (continuous batching, chunked
+prefill). Every row asks for `prompt_logprobs=k` (positions 1..n-1) and one greedy token with
+`logprobs=k` (the distribution after the last token). Flat logprobs and no detokenisation keep
+vLLM from building a Python object per (position, rank); what is left is converted with numpy.
+
+vLLM lays out each scored position as k + 1 entries: the actual (prompt or sampled) token
+first, with its rank, then the top-k by rank. We keep entry 0 as the next-token logprob and
+entries 1..k as the top-k.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stages.teacher.engine import (
+    LOGPROBS_MODE,
+    EngineLimitError,
+    ScoredTokens,
+    TeacherOptions,
+)
+
+_GIB = 1 << 30
+_CPU_DEFAULT_KV_CACHE_GIB = 1.0
+
+
+class VllmTeacher:
+    """A `vllm.LLM` held for the life of a worker process."""
+
+    name = "vllm"
+
+    def __init__(self, options: TeacherOptions) -> None:
+        import vllm
+        from vllm.platforms import current_platform
+
+        self.options = options
+        self.version = vllm.__version__
+        kv_gib = options.kv_cache_gib
+        if kv_gib is None and current_platform.is_cpu():
+            # Left alone, the CPU backend reserves a large share of host memory for KV.
+            kv_gib = _CPU_DEFAULT_KV_CACHE_GIB
+        kwargs: dict = {
+            "model": options.model,
+            "tokenizer": options.tokenizer_path,
+            "revision": options.revision,
+            "dtype": options.dtype,
+            "max_model_len": options.max_model_len,
+            "tensor_parallel_size": options.tensor_parallel_size,
+            "max_logprobs": options.k,
+            "logprobs_mode": LOGPROBS_MODE,
+            "seed": options.seed,
+            "trust_remote_code": options.trust_remote_code,
+            "enforce_eager": options.enforce_eager,
+        }
+        if kv_gib is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_gib * _GIB)
+        if options.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = options.max_num_batched_tokens
+        self.llm = vllm.LLM(**kwargs)
+        vocab = self.llm.llm_engine.model_config.get_vocab_size()
+        if options.k > vocab:
+            raise EngineLimitError(f"k={options.k} exceeds the teacher vocabulary ({vocab})")
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self._params = vllm.SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            logprobs=options.k,
+            prompt_logprobs=options.k,
+            flat_logprobs=True,
+            detokenize=False,
+        )
+
+    def score(self, sequences: list[list[int]]) -> ScoredTokens:
+        k = self.options.k
+        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+        if lengths.size and lengths.min() < 1:
+            raise ValueError("cannot score an empty token sequence")
+        too_long = np.flatnonzero(lengths + 1 > self.max_model_len)
+        if too_long.size:
+            raise EngineLimitError(
+                f"row {int(too_long[0])} has {int(lengths[too_long[0]])} tokens; the engine "
+                f"scores at most max_model_len - 1 = {self.max_model_len - 1}"
+            )
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(s)} for s in sequences], self._params, use_tqdm=False
+        )
+        total = int(lengths.sum())
+        topk_ids = np.empty((total, k), dtype=np.int32)
+        topk_logprobs = np.empty((total, k), dtype=np.float32)
+        next_logprob = np.empty(total, dtype=np.float32)
+        start = 0
+        for n, out in zip(lengths.tolist(), outputs, strict=True):
+            stop = start + n
+            if n > 1:
+                ids, lps = _entries(out.prompt_logprobs, n - 1, k)
+                topk_ids[start : stop - 1] = ids[:, 1:]
+                topk_logprobs[start : stop - 1] = lps[:, 1:]
+                next_logprob[start : stop - 1] = lps[:, 0]
+            ids, lps = _entries(out.outputs[0].logprobs, 1, k)
+            topk_ids[stop - 1] = ids[0, 1:]
+            topk_logprobs[stop - 1] = lps[0, 1:]
+            next_logprob[stop - 1] = np.nan
+            start = stop
+        return ScoredTokens(topk_ids, topk_logprobs, next_logprob)
+
+    def close(self) -> None:
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(engine, "shutdown", None) or getattr(
+            getattr(engine, "engine_core", None), "shutdown", None
+        )
+        if shutdown is not None:
+            shutdown()
+        del self.llm
+
+
+def _entries(flat, positions: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reshape a FlatLogprobs block of `positions` scored positions to [positions, k + 1]."""
+    ids = np.asarray(flat.token_ids, dtype=np.int32)
+    lps = np.asarray(flat.logprobs, dtype=np.float32)
+    # Prompt logprobs start with an empty entry for position 0; it holds no values.
+    if ids.size != positions * (k + 1):
+        raise RuntimeError(
+            f"vLLM returned {ids.size} logprob entries for {positions} positions; expected "
+            f"{positions * (k + 1)} (k + 1 per position). Is flat_logprobs supported?"
+        )
+    return ids.reshape(positions, k + 1), lps.reshape(positions, k + 1)
