@@ -1,0 +1,280 @@
+"""`make bench`: capture throughput of the whole pipeline against the compute floor.
+
+Every figure is a ratio to a baseline measured in the same run, on the same model and the
+same prompts (absolute times on shared CPU machines are noise):
+
+- floor     transformers forward + log_softmax + top-k (the stages.teacher reference engine)
+- engine    the vLLM teacher alone, in-process, on the pipeline's own prompt shards
+- pipeline  `cache-teacher` end to end on a LocalCluster: read, tokenize, plan, engine,
+            encode, atomic write, completion records. Reported twice: steady state (planning
+            plus task time, what scales with data) and wall (including cluster and engine start).
+
+Plus bytes/token on disk for each codec at the same k, encoded from the same teacher output.
+
+    python -m bench.run [--suite tiny|llama45m|all] [--rows N] [--seq-len N] [--k 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+WORK_DIR = REPO_ROOT / "artifacts" / "bench"
+
+
+@dataclass
+class Suite:
+    """A model and a prompt set to measure on."""
+
+    name: str
+    model_dir: Path
+    input_path: Path
+    dtype: str
+    max_model_len: int
+    rows_per_shard: int
+
+
+def _teacher_dir() -> Path:
+    from pipeline.demo.build import DEFAULT_TEACHER_DIR, build_teacher
+
+    path = REPO_ROOT / DEFAULT_TEACHER_DIR
+    build_teacher(path)
+    return path
+
+
+def make_llama45m(out: Path, tokenizer_dir: Path) -> Path:
+    """A ~45M-parameter Llama (vocab 32000, bf16) like DESIGN.md's measurements.
+
+    Random weights are fine for throughput (not for fidelity). It reuses the teacher's
+    tokenizer, whose ids are a subset of the 32000-entry vocabulary, so the log_softmax and
+    top-k still run over 32000 logits.
+    """
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def make_text_rows(path: Path, rows: int, chars: int, seed: int) -> Path:
+    """Rows of arithmetic text ~`chars` long (digits tokenize one per token)."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(rows):
+        parts, size = [], 0
+        while size < chars:
+            a, b = (int(x) for x in rng.integers(0, 1000, size=2))
+            part = f"{a}+{b}={a + b} "
+            parts.append(part)
+            size += len(part)
+        lines.append(json.dumps({"id": f"bench-{i}", "text": "".join(parts)[:chars]}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _prompt_sequences(out: Path) -> list[list[int]]:
+    from stages.teacher.stage import read_sequences
+
+    files = sorted((out / ".logitforge" / "prompts").glob("*.parquet"))
+    return [seq for f in files for seq in read_sequences(pq.read_table(f))]
+
+
+def run_pipeline(suite: Suite, k: int, out: Path) -> dict:
+    from pipeline.config import load_config
+    from pipeline.execute import run_cache_teacher
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = load_config(
+        None,
+        [
+            f"input.path={suite.input_path}",
+            f"teacher.model={suite.model_dir}",
+            f"teacher.k={k}",
+            f"teacher.dtype={suite.dtype}",
+            f"teacher.max_model_len={suite.max_model_len}",
+            f"output.path={out}",
+            f"output.rows_per_shard={suite.rows_per_shard}",
+        ],
+    )
+    t0 = time.perf_counter()
+    summary = run_cache_teacher(cfg, log=lambda msg: print("  ", msg, flush=True))
+    wall = time.perf_counter() - t0
+    return {"summary": summary, "wall_s": wall}
+
+
+def measure_engine(options, sequences: list[list[int]]) -> tuple[float, object]:
+    """Tokens/s of one engine on `sequences`, after a warm-up call; returns the scores too."""
+    from stages.teacher import load_engine
+
+    engine = load_engine(options)
+    try:
+        engine.score(sequences[: max(1, len(sequences) // 16)])
+        t0 = time.perf_counter()
+        scored = engine.score(sequences)
+        seconds = time.perf_counter() - t0
+    finally:
+        engine.close()
+        gc.collect()
+    return scored.num_tokens / seconds, scored
+
+
+def codec_bytes(scored, sequences: list[list[int]], k: int) -> dict[str, float]:
+    """Bytes/token of a Parquet shard holding the same teacher output under each codec."""
+    from storage.codecs import KNOWN_CODECS, get_codec
+    from storage.schema import PROMPT_SCHEMA, build_logit_table
+    from storage.writer import parquet_bytes
+
+    lengths = np.array([len(s) for s in sequences])
+    prompts = pa.table(
+        {
+            "id": [str(i) for i in range(len(sequences))],
+            "input_ids": pa.array(sequences, pa.list_(pa.int32())),
+            "prompt_len": pa.array(np.zeros(len(sequences), np.int32)),
+            "text": [""] * len(sequences),
+            "byte_start": pa.array([np.zeros(n, np.int32) for n in lengths], pa.list_(pa.int32())),
+            "byte_end": pa.array([np.zeros(n, np.int32) for n in lengths], pa.list_(pa.int32())),
+            "truncated": [False] * len(sequences),
+        },
+        schema=PROMPT_SCHEMA,
+    )
+    out = {}
+    for name in KNOWN_CODECS:
+        table = build_logit_table(
+            prompts, scored.topk_ids, scored.topk_logprobs, scored.next_logprob, get_codec(name)
+        )
+        out[name] = len(parquet_bytes(table, None, "zstd")) / scored.num_tokens
+    return out
+
+
+def bench_suite(suite: Suite, k: int) -> dict:
+    from stages.teacher import TeacherOptions
+
+    print(f"== {suite.name}: pipeline (LocalCluster + vLLM)", flush=True)
+    out = WORK_DIR / f"{suite.name}-k{k}"
+    run = run_pipeline(suite, k, out)
+    summary = run["summary"]
+    sequences = _prompt_sequences(out)
+    tokens = sum(map(len, sequences))
+    options = TeacherOptions(
+        model=str(suite.model_dir), k=k, dtype=suite.dtype, max_model_len=suite.max_model_len
+    )
+    print(f"== {suite.name}: compute floor (transformers forward + log_softmax + top-{k})")
+    floor_tps, scored = measure_engine(
+        options.model_copy(update={"engine": "transformers", "batch_rows": 8}), sequences
+    )
+    print(f"== {suite.name}: vLLM engine alone")
+    engine_tps, _ = measure_engine(options, sequences)
+    # Steady state: everything that scales with the data (planning incl. tokenisation + tasks).
+    steady_s = summary.plan_s + summary.engine_s
+    pipeline_tps = tokens / steady_s if steady_s else 0.0
+    return {
+        "suite": suite.name,
+        "model": str(suite.model_dir.relative_to(REPO_ROOT)),
+        "dtype": suite.dtype,
+        "k": k,
+        "rows": len(sequences),
+        "tokens": tokens,
+        "floor_tokens_per_s": floor_tps,
+        "vllm_engine_tokens_per_s": engine_tps,
+        "pipeline_tokens_per_s": pipeline_tps,
+        "pipeline_wall_tokens_per_s": tokens / run["wall_s"],
+        "pipeline_wall_s": run["wall_s"],
+        "ratio_engine_to_floor": engine_tps / floor_tps,
+        "ratio_pipeline_to_floor": pipeline_tps / floor_tps,
+        "ratio_pipeline_wall_to_floor": tokens / run["wall_s"] / floor_tps,
+        "bytes_per_token_on_disk": summary.bytes_per_token,
+        "bytes_per_token_by_codec": codec_bytes(scored, sequences, k),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=["tiny", "llama45m", "all"], default="all")
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--rows", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    teacher = _teacher_dir()
+    suites = []
+    if args.suite in ("tiny", "all"):
+        suites.append(
+            Suite(
+                "tiny-teacher", teacher, REPO_ROOT / "configs/data/arith.jsonl", "float32", 64, 256
+            )
+        )
+    if args.suite in ("llama45m", "all"):
+        model = make_llama45m(WORK_DIR / "llama45m", teacher)
+        data = make_text_rows(WORK_DIR / "llama45m-text.jsonl", args.rows, args.seq_len, seed=0)
+        suites.append(Suite("llama45m-bf16", model, data, "bfloat16", args.seq_len + 8, 16))
+
+    results = [bench_suite(s, args.k) for s in suites]
+    report = {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "results": results,
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS_DIR / f"capture-{stamp}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS_DIR / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(render_table(results))
+    print(f"results: {path.relative_to(REPO_ROOT)}")
+    return 0
+
+
+def render_table(results: list[dict]) -> str:
+    head = (
+        f"{'suite':<16} {'tokens':>8} {'floor tok/s':>12} {'vLLM tok/s':>11} "
+        f"{'pipeline tok/s':>15} {'pipe/floor':>10} {'wall/floor':>10} {'B/token':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(
+            f"{r['suite']:<16} {r['tokens']:>8,} {r['floor_tokens_per_s']:>12,.0f} "
+            f"{r['vllm_engine_tokens_per_s']:>11,.0f} {r['pipeline_tokens_per_s']:>15,.0f} "
+            f"{r['ratio_pipeline_to_floor']:>10.2f} {r['ratio_pipeline_wall_to_floor']:>10.2f} "
+            f"{r['bytes_per_token_on_disk']:>8.1f}"
+        )
+        codecs = ", ".join(f"{c} {b:.1f}" for c, b in r["bytes_per_token_by_codec"].items())
+        lines.append(f"{'':<16} bytes/token by codec at k={r['k']}: {codecs}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
