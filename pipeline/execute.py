@@ -19,6 +19,7 @@ from distributed import Client, LocalCluster, as_completed
 from pipeline.config import CacheTeacherConfig
 from pipeline.plan import make_plan
 from pipeline.workers import ensure_engine_plugin, worker_engine
+from stages.teacher.engine import LOGPROBS_MODE
 from stages.teacher.stage import TeacherShardTask, run_teacher_shard
 from storage.card import write_dataset_card
 from storage.layout import ShardSetLayout
@@ -129,7 +130,7 @@ def _task_spec(cfg: CacheTeacherConfig, plan: Plan, index: int, tok_fp: str) -> 
             "teacher_model": cfg.teacher.model,
             "teacher_revision": cfg.teacher.revision,
             "tokenizer_fingerprint": tok_fp,
-            "logprobs_mode": "raw_logprobs",
+            "logprobs_mode": LOGPROBS_MODE,
         },
     ).model_dump_json()
 

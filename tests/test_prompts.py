@@ -32,8 +32,22 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
 )
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "héllo", "世界", "user",
-         "assistant", "hello", "world"]
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "héllo",
+    "世界",
+    "user",
+    "assistant",
+    "hello",
+    "world",
+]
 
 
 def _build_tokenizer() -> Tokenizer:
@@ -59,7 +73,10 @@ def _build_tokenizer() -> Tokenizer:
 
 def _wrap(tok: Tokenizer, chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
         chat_template=chat_template,
     )
 
@@ -74,8 +91,9 @@ BOS = 0
 
 def prep(rows, tokenizer, *, input_opts=None, **kw):
     kw.setdefault("max_length", 1000)
-    return prepare_prompts(rows, tokenizer, PrepareOptions(**kw),
-                           input_opts or InputOptions(path="unused.jsonl"))
+    return prepare_prompts(
+        rows, tokenizer, PrepareOptions(**kw), input_opts or InputOptions(path="unused.jsonl")
+    )
 
 
 def ids_of(tokenizer, text, special=False) -> list[int]:
@@ -120,7 +138,7 @@ def test_prompt_completion_prompt_len_at_word_boundary(tok):
     assert row["text"] == prompt + completion
     # ByteLevel pre-tokenization splits before " jumps", so the prompt tokens are BOS + prompt's.
     assert row["prompt_len"] == 1 + len(ids_of(tok, prompt))
-    assert row["input_ids"][row["prompt_len"]:] == ids_of(tok, completion)
+    assert row["input_ids"][row["prompt_len"] :] == ids_of(tok, completion)
 
 
 def test_prompt_len_counts_straddling_token_as_prompt(tok):
@@ -128,7 +146,7 @@ def test_prompt_len_counts_straddling_token_as_prompt(tok):
     full = tok(text, return_offsets_mapping=True)
     # Split the text inside the first token that spans several characters.
     j, (a, _) = next((j, o) for j, o in enumerate(full["offset_mapping"]) if o[1] - o[0] >= 2)
-    prompt, completion = text[:a + 1], text[a + 1:]
+    prompt, completion = text[: a + 1], text[a + 1 :]
     row = prep([{"prompt": prompt, "completion": completion}], tok).table.to_pylist()[0]
     assert row["input_ids"] == full["input_ids"]
     assert row["prompt_len"] == j + 1  # the straddling token is prompt
@@ -141,8 +159,12 @@ def test_prompt_without_completion_is_all_prompt(tok):
 
 
 def test_chat_row_ending_with_assistant_trains_on_last_turn(tok):
-    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"},
-            {"role": "user", "content": "the fox"}, {"role": "assistant", "content": "lazy dog"}]
+    msgs = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "world"},
+        {"role": "user", "content": "the fox"},
+        {"role": "assistant", "content": "lazy dog"},
+    ]
     row = prep([{"messages": msgs}], tok).table.to_pylist()[0]
     assert row["text"] == tok.apply_chat_template(msgs, tokenize=False)
     assert row["text"].endswith("<s>assistant\nlazy dog</s>\n")
@@ -151,7 +173,7 @@ def test_chat_row_ending_with_assistant_trains_on_last_turn(tok):
     assert row["input_ids"][:2] != [BOS, BOS]
     head = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
     assert row["prompt_len"] == len(ids_of(tok, head))
-    assert tok.decode(row["input_ids"][row["prompt_len"]:]) == "lazy dog</s>\n"
+    assert tok.decode(row["input_ids"][row["prompt_len"] :]) == "lazy dog</s>\n"
 
 
 def test_chat_row_ending_with_user_is_generation_prompt(tok):
@@ -166,13 +188,18 @@ def test_conversational_prompt_completion_like_trl(tok):
     c = [{"role": "assistant", "content": "world"}]
     a = prep([{"prompt": p, "completion": c}], tok).table.to_pylist()[0]
     b = prep([{"messages": p + c}], tok).table.to_pylist()[0]
-    assert (a["text"], a["input_ids"], a["prompt_len"]) == (b["text"], b["input_ids"],
-                                                            b["prompt_len"])
+    assert (a["text"], a["input_ids"], a["prompt_len"]) == (
+        b["text"],
+        b["input_ids"],
+        b["prompt_len"],
+    )
 
 
 def test_chat_parquet_style_none_keys_are_ignored(tok):
-    m = [{"role": "user", "content": "hi", "name": None},
-         {"role": "assistant", "content": "yo", "name": None}]
+    m = [
+        {"role": "user", "content": "hi", "name": None},
+        {"role": "assistant", "content": "yo", "name": None},
+    ]
     clean = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     a = prep([{"messages": m}], tok).table.to_pylist()[0]
     b = prep([{"messages": clean}], tok).table.to_pylist()[0]
@@ -180,8 +207,10 @@ def test_chat_parquet_style_none_keys_are_ignored(tok):
 
 
 def test_row_kind_precedence_messages_over_prompt_over_text(tok):
-    rows = [{"messages": [{"role": "user", "content": "hi"}], "prompt": "x", "text": "y"},
-            {"prompt": "hello", "completion": " world", "text": "ignored"}]
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}], "prompt": "x", "text": "y"},
+        {"prompt": "hello", "completion": " world", "text": "ignored"},
+    ]
     t = prep(rows, tok).table.to_pylist()
     assert t[0]["text"].startswith("<s>user\nhi")
     assert t[1]["text"] == "hello world"
@@ -194,13 +223,22 @@ def test_chat_rows_need_a_template(tok):
 
 
 def test_template_error_names_row(tok):
-    strict = _wrap(tok.backend_tokenizer, chat_template=(
-        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}"
-        "{% endif %}" + CHAT_TEMPLATE))
-    rows = [{"id": "ok", "messages": [{"role": "user", "content": "hi"}]},
-            {"id": "sys", "messages": [{"role": "system", "content": "be nice"}]}]
-    with pytest.raises(InputError, match=r"input row 1 \(id 'sys'\): chat template failed.*no "
-                                         r"system role") as e:
+    strict = _wrap(
+        tok.backend_tokenizer,
+        chat_template=(
+            "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}"
+            "{% endif %}" + CHAT_TEMPLATE
+        ),
+    )
+    rows = [
+        {"id": "ok", "messages": [{"role": "user", "content": "hi"}]},
+        {"id": "sys", "messages": [{"role": "system", "content": "be nice"}]},
+    ]
+    with pytest.raises(
+        InputError,
+        match=r"input row 1 \(id 'sys'\): chat template failed.*no "
+        r"system role",
+    ) as e:
         prep(rows, strict)
     assert e.value.reason == "template_error"
     res = prep(rows, strict, on_invalid="skip")
@@ -234,17 +272,18 @@ def test_byte_offsets_decode_to_token_text_on_non_ascii(tok):
     groups.append(cur)
     assert any(len(g) == 1 for g in groups) and any(len(g) > 1 for g in groups)
     for g in groups:
-        chunk = data[start[g[0]]:max(end[g])].decode()
+        chunk = data[start[g[0]] : max(end[g])].decode()
         assert chunk == tok.decode([ids[j] for j in g])
         if len(g) == 1:
             assert chunk == tok.decode([ids[g[0]]])
-    assert b"".join(data[start[g[0]]:max(end[g])] for g in groups) == data
+    assert b"".join(data[start[g[0]] : max(end[g])] for g in groups) == data
 
 
 def test_trailing_special_token_gets_empty_span_at_end(tok):
     eos_tok = _build_tokenizer()
     eos_tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)])
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)]
+    )
     text = "héllo world"
     row = prep([{"prompt": "héllo", "completion": " world"}], _wrap(eos_tok)).table.to_pylist()[0]
     assert row["input_ids"][-1] == 1
@@ -263,8 +302,11 @@ def test_trailing_special_token_gets_empty_span_at_end(tok):
         ({"id": "a", "prompt": "x", "completion": 3.5}, "wrong_type", r"'completion' is float"),
         ({"id": "a", "messages": "hi"}, "wrong_type", r"'messages' is str, not a list"),
         ({"id": "a", "messages": [{"content": "hi"}]}, "wrong_type", r"messages\[0\] is not"),
-        ({"id": "a", "messages": [{"role": "user", "content": None}]}, "wrong_type",
-         r"messages\[0\].content' is NoneType"),
+        (
+            {"id": "a", "messages": [{"role": "user", "content": None}]},
+            "wrong_type",
+            r"messages\[0\].content' is NoneType",
+        ),
         ({"id": 1.5, "text": "x"}, "wrong_type", r"field 'id' is float"),
         ({"id": "a", "text": "bad \ud800 surrogate"}, "invalid_utf8", r"lone surrogate"),
     ],
@@ -282,9 +324,14 @@ def test_invalid_rows_error_or_skip(tok, row, reason, message):
 
 @pytest.mark.parametrize(
     "row",
-    [{"text": ""}, {"text": " \n\t "}, {"prompt": "hello", "completion": "  "},
-     {"prompt": " "}, {"messages": []},
-     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}],
+    [
+        {"text": ""},
+        {"text": " \n\t "},
+        {"prompt": "hello", "completion": "  "},
+        {"prompt": " "},
+        {"messages": []},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
+    ],
 )
 def test_empty_text_is_always_a_counted_skip(tok, row):
     res = prep([{"id": "x", **row}, {"text": "hello"}], tok, on_invalid="error")
@@ -295,8 +342,11 @@ def test_empty_text_is_always_a_counted_skip(tok, row):
 
 def test_ids_int_converted_and_duplicates_name_both_rows(tok):
     rows = [{"id": 7, "text": "hello"}, {"id": "b", "text": "world"}, {"id": "7", "text": "fox"}]
-    with pytest.raises(InputError, match=r"input row 2 \(id '7'\): duplicate id '7', first seen "
-                                         r"at input row 0") as e:
+    with pytest.raises(
+        InputError,
+        match=r"input row 2 \(id '7'\): duplicate id '7', first seen "
+        r"at input row 0",
+    ) as e:
         prep(rows, tok)
     assert e.value.reason == "duplicate_id"
     res = prep(rows, tok, on_invalid="skip")
@@ -306,8 +356,14 @@ def test_ids_int_converted_and_duplicates_name_both_rows(tok):
 
 
 def test_derived_ids_are_stable_and_content_sensitive(tok):
-    t = prep([{"text": "hello"}, {"prompt": "hello", "completion": " world"},
-              {"prompt": "hello ", "completion": "world"}], tok).table
+    t = prep(
+        [
+            {"text": "hello"},
+            {"prompt": "hello", "completion": " world"},
+            {"prompt": "hello ", "completion": "world"},
+        ],
+        tok,
+    ).table
     ids = t["id"].to_pylist()
     expected = hashlib.sha256(b'{"text":"hello"}').hexdigest()[:16]
     assert ids[0] == expected == "cbbbdcd27692344d"  # pinned: must not change across releases
@@ -353,8 +409,11 @@ def test_too_long_truncate_skip_error(tok):
     assert res.skip_counts() == {"too_long": 1} and res.table["id"].to_pylist() == ["short"]
     assert res.num_truncated == 0
 
-    with pytest.raises(InputError, match=rf"input row 0 \(id 'long'\): {n_full} tokens, more "
-                                         r"than max_length 6") as e:
+    with pytest.raises(
+        InputError,
+        match=rf"input row 0 \(id 'long'\): {n_full} tokens, more "
+        r"than max_length 6",
+    ) as e:
         prep([long, short], tok, max_length=6, on_too_long="error")
     assert e.value.reason == "too_long"
 
@@ -366,14 +425,15 @@ def test_too_long_truncate_skip_error(tok):
 
 
 def test_jsonl_loading_blank_lines_limit_and_lines(tmp_path, tok):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "hello"}, "", "  ",
-                                               {"id": "b", "text": 1}, {"id": "c", "text": "x"}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"id": "a", "text": "hello"}, "", "  ", {"id": "b", "text": 1}, {"id": "c", "text": "x"}],
+    )
     rows = load_rows(InputOptions(path=str(path)))
     assert len(rows) == 3 and rows.lines == [1, 4, 5] and rows.source == "d.jsonl"
     with pytest.raises(InputError) as e:
         prep(rows, tok)
-    assert str(e.value) == ("input row 1 (line 4 of d.jsonl, id 'b'): "
-                            "field 'text' is int, not str")
+    assert str(e.value) == ("input row 1 (line 4 of d.jsonl, id 'b'): field 'text' is int, not str")
     assert len(load_rows(InputOptions(path=str(path), limit=2))) == 2
 
 
@@ -391,11 +451,15 @@ def test_jsonl_invalid_json_always_errors_with_line(tmp_path):
 
 def test_jsonl_invalid_utf8_names_line(tmp_path, tok):
     bad = b'{"id": "bad", "text": "caf\xe9 latte"}'
-    path = write_jsonl(tmp_path / "d.jsonl", [{"id": "ok", "text": "hello"}, bad,
-                                               '{"text": "lone \\ud800"}'])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"id": "ok", "text": "hello"}, bad, '{"text": "lone \\ud800"}']
+    )
     rows = load_rows(InputOptions(path=str(path)))
-    with pytest.raises(InputError, match=r"^input row 1 \(line 2 of d.jsonl, id 'bad'\): line is "
-                                         r"not valid UTF-8 \(byte 26: ") as e:
+    with pytest.raises(
+        InputError,
+        match=r"^input row 1 \(line 2 of d.jsonl, id 'bad'\): line is "
+        r"not valid UTF-8 \(byte 26: ",
+    ) as e:
         prep(rows, tok)
     assert e.value.reason == "invalid_utf8"
     res = prep(rows, tok, on_invalid="skip")
@@ -431,12 +495,16 @@ def test_datasets_saved_dir_and_custom_fields(tmp_path, tok, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     import datasets
 
-    ds = datasets.Dataset.from_dict({
-        "uid": [10, 11, 12],
-        "conv": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
-                 [{"role": "user", "content": "fox"}],
-                 [{"role": "user", "content": "dog"}, {"role": "assistant", "content": "cat"}]],
-    })
+    ds = datasets.Dataset.from_dict(
+        {
+            "uid": [10, 11, 12],
+            "conv": [
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                [{"role": "user", "content": "fox"}],
+                [{"role": "user", "content": "dog"}, {"role": "assistant", "content": "cat"}],
+            ],
+        }
+    )
     ds.save_to_disk(str(tmp_path / "saved"))
     datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dd"))
 
@@ -502,10 +570,14 @@ def test_slow_tokenizer_is_refused():
 
 def test_chat_template_not_prefix_stable_uses_common_prefix(tok):
     # This template renders the final answer's header differently from the generation prompt.
-    odd = _wrap(tok.backend_tokenizer, chat_template=(
-        "{% for m in messages %}{% if loop.last and m['role'] == 'assistant' %}<s>final\n"
-        "{% else %}<s>{{ m['role'] }}\n{% endif %}{{ m['content'] }}</s>\n{% endfor %}"
-        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"))
+    odd = _wrap(
+        tok.backend_tokenizer,
+        chat_template=(
+            "{% for m in messages %}{% if loop.last and m['role'] == 'assistant' %}<s>final\n"
+            "{% else %}<s>{{ m['role'] }}\n{% endif %}{{ m['content'] }}</s>\n{% endfor %}"
+            "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+        ),
+    )
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     row = prep([{"messages": msgs}], odd).table.to_pylist()[0]
     assert row["text"] == "<s>user\nhi</s>\n<s>final\nyo</s>\n"
