@@ -81,9 +81,11 @@ def _assert_same_rows(a: LogitBatch, b: LogitBatch) -> None:
     np.testing.assert_allclose(a.next_logprob, b.next_logprob, atol=FP16_ATOL, rtol=FP16_RTOL)
 
 
-def test_every_row_present_once_or_reported_skipped(reference_run, input_path):
+def test_every_row_present_once_or_reported_skipped(reference_run, input_path, tmp_path):
     out, summary, _ = reference_run
-    ds = datasets.load_dataset(str(out), split="train")
+    # A private cache: `datasets` keys a local folder's cache by its name and card, not its
+    # absolute path or contents, so another folder named "uninterrupted" could be served.
+    ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
     input_ids = [r["id"] for r in read_jsonl(input_path)]
     assert len(ds) == NUM_GOOD == summary.rows
     assert len(set(ds["id"])) == len(ds)
