@@ -24,9 +24,6 @@ class TeacherEnginePlugin(WorkerPlugin):
         self.fingerprint = fingerprint(options.model_dump())
         self._engine: TeacherEngine | None = None
 
-    def setup(self, worker) -> None:
-        self._engine = None
-
     def engine(self) -> TeacherEngine:
         if self._engine is None:
             self._engine = load_engine(TeacherOptions.model_validate_json(self.options_json))
