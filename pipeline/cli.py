@@ -34,10 +34,9 @@ def _cache_teacher(args: argparse.Namespace) -> int:
 
 
 def _build_teacher(args: argparse.Namespace) -> int:
-    from pipeline.demo.build import DEFAULT_TEACHER_DIR, build_teacher
+    from pipeline.demo.build import main as build_main
 
-    build_teacher(Path(args.out) if args.out else DEFAULT_TEACHER_DIR, force=args.force)
-    return 0
+    return build_main(args.extra)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -70,10 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--summary-json", help="also write the summary as JSON here")
     cache.set_defaults(func=_cache_teacher)
 
-    build = sub.add_parser("build-teacher", help="build the embedded tiny arithmetic teacher")
-    build.add_argument("--out", help="output folder")
-    build.add_argument("--force", action="store_true", help="rebuild even if cached")
-    build.set_defaults(func=_build_teacher)
+    build = sub.add_parser(
+        "build-teacher",
+        help="build the embedded arithmetic teacher (options: see build-teacher --help)",
+        add_help=False,  # --help and every option belong to pipeline.demo.build
+    )
+    build.set_defaults(func=_build_teacher, passthrough=True)
 
     inspect = sub.add_parser("inspect", help="print a shard set's metadata")
     inspect.add_argument("path")
@@ -92,7 +93,11 @@ def quiet_engines() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     quiet_engines()
     logging.basicConfig(level=os.environ.get("LOGITFORGE_LOG_LEVEL", "WARNING"))
     from pydantic import ValidationError
