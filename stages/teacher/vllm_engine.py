@@ -12,6 +12,8 @@ entries 1..k as the top-k.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from stages.teacher.engine import (
@@ -23,6 +25,29 @@ from stages.teacher.engine import (
 
 _GIB = 1 << 30
 _CPU_DEFAULT_KV_CACHE_GIB = 1.0
+_TCMALLOC_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib64/libtcmalloc_minimal.so.4",
+)
+
+
+def preload_tcmalloc() -> str | None:
+    """Put tcmalloc in LD_PRELOAD for the engine processes vLLM is about to spawn.
+
+    vLLM's CPU backend asks for it (it already preloads its libgomp the same way). Measured on
+    the 45M-parameter benchmark model: 547 -> 669 engine tokens/s (+22%). Only processes
+    started after this call see it, which is exactly the engine core and its workers. Returns
+    the library used, or None (already preloaded, or not installed: `make install` installs
+    Debian's libtcmalloc-minimal4 where it can).
+    """
+    preload = os.environ.get("LD_PRELOAD", "")
+    if "tcmalloc" in preload:
+        return None
+    lib = next((p for p in _TCMALLOC_CANDIDATES if os.path.exists(p)), None)
+    if lib is not None:
+        os.environ["LD_PRELOAD"] = f"{lib}:{preload}" if preload else lib
+    return lib
 
 
 class VllmTeacher:
@@ -37,9 +62,11 @@ class VllmTeacher:
         self.options = options
         self.version = vllm.__version__
         kv_gib = options.kv_cache_gib
-        if kv_gib is None and current_platform.is_cpu():
-            # Left alone, the CPU backend reserves a large share of host memory for KV.
-            kv_gib = _CPU_DEFAULT_KV_CACHE_GIB
+        if current_platform.is_cpu():
+            preload_tcmalloc()
+            if kv_gib is None:
+                # Left alone, the CPU backend reserves a large share of host memory for KV.
+                kv_gib = _CPU_DEFAULT_KV_CACHE_GIB
         kwargs: dict = {
             "model": options.model,
             "tokenizer": options.tokenizer_path,
