@@ -7,6 +7,7 @@ rewrites the same file; a shard without a record does not exist.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import socket
 import time
@@ -21,7 +22,7 @@ from storage.codecs import get_codec
 from storage.layout import ShardSetLayout
 from storage.manifest import DoneRecord, write_done
 from storage.schema import ShardSetMetadata, build_logit_table
-from storage.writer import sha256_file, write_parquet_atomic
+from storage.writer import write_parquet_atomic
 
 
 class TeacherShardTask(BaseModel):
@@ -67,15 +68,16 @@ def run_teacher_shard(task: TeacherShardTask, engine: TeacherEngine) -> DoneReco
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     prompts_path = layout.prompts_path(task.index)
+    with layout.fs.open(prompts_path, "rb") as f:
+        data = f.read()  # one read serves both the checksum and the parse
     if task.prompts_sha256 is not None:
-        actual = sha256_file(layout.fs, prompts_path)
+        actual = hashlib.sha256(data).hexdigest()
         if actual != task.prompts_sha256:
             raise CorruptPromptShardError(
                 f"prompt shard {prompts_path} does not match the plan (sha256 {actual[:12]}…); "
                 "rerun the same command to rebuild it"
             )
-    with layout.fs.open(prompts_path, "rb") as f:
-        prompts = pq.read_table(f)
+    prompts = pq.read_table(pa.BufferReader(data))
     timings["read_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
