@@ -1,4 +1,4 @@
-"""`logitforge` command line: cache-teacher, build-teacher, inspect."""
+"""`logitforge` command line: cache-teacher, generate-teacher, distill, evaluate, demo, inspect."""
 
 from __future__ import annotations
 
@@ -30,6 +30,22 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     print(summary.render(), flush=True)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from pipeline.config import DistillConfig, load_config
+    from pipeline.distill import run_distill
+
+    overrides = list(args.set or [])
+    if args.output:
+        overrides.append(f"train.output_dir={args.output}")
+    if args.overwrite:
+        overrides.append("overwrite=true")
+    cfg = load_config(args.config, overrides, DistillConfig)
+    summary = run_distill(cfg, log=lambda msg: print(msg, flush=True))
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 
@@ -69,6 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--summary-json", help="also write the summary as JSON here")
     cache.set_defaults(func=_cache_teacher)
 
+    distill = sub.add_parser("distill", help="train a student from cached teacher logits")
+    distill.add_argument("--config", default="configs/distill.yaml", help="YAML config")
+    distill.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override, e.g. loss.temperature=2"
+    )
+    distill.add_argument("--output", help="train.output_dir")
+    distill.add_argument(
+        "--overwrite", action="store_true", help="replace a run made with another config"
+    )
+    distill.add_argument("--summary-json", help="also write the summary as JSON here")
+    distill.set_defaults(func=_distill)
+
     build = sub.add_parser(
         "build-teacher",
         help="build the embedded arithmetic teacher (options: see build-teacher --help)",
@@ -103,11 +131,19 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from stages.prompts import InputError
+    from stages.train.loader import SourceError
     from storage.manifest import PlanMismatchError
 
     try:
         return args.func(args)
-    except (InputError, PlanMismatchError, ValidationError, FileNotFoundError, ValueError) as e:
+    except (
+        InputError,
+        PlanMismatchError,
+        SourceError,
+        ValidationError,
+        FileNotFoundError,
+        ValueError,
+    ) as e:
         print(f"logitforge: error: {e}", file=sys.stderr)
         return 2
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from stages.prompts import InputOptions, PrepareOptions
 from stages.teacher import TeacherOptions
+from stages.train.options import DataOptions, LossOptions, StudentOptions, TrainOptions
 
 
 class OutputOptions(BaseModel):
@@ -80,6 +81,32 @@ class CacheTeacherConfig(BaseModel):
         }
 
 
+class DistillConfig(BaseModel):
+    """The whole `logitforge distill` job: student, data, loss and recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    student: StudentOptions
+    data: DataOptions
+    loss: LossOptions = Field(default_factory=LossOptions)
+    train: TrainOptions
+    overwrite: bool = Field(False, description="Replace a run made with another config.")
+
+    def output_defining(self) -> dict[str, Any]:
+        """What changes the trained model; paths, workers and logging do not."""
+        return {
+            "student": self.student.model_dump(),
+            "data": self.data.model_dump(exclude={"num_workers"}),
+            "loss": self.loss.model_dump(),
+            "train": self.train.model_dump(
+                exclude={"output_dir", "save_steps", "save_total_limit", "logging_steps", "threads"}
+            ),
+        }
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`teacher.k=32` -> (["teacher", "k"], 32); the value is read as YAML."""
     if "=" not in text:
@@ -103,18 +130,36 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> CacheTeacherConfig:
-    """Read a YAML config (or start empty), apply overrides, validate."""
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    model: type[ConfigT] = CacheTeacherConfig,  # type: ignore[assignment]
+) -> ConfigT:
+    """Read a YAML config (or start empty), apply overrides, validate as ``model``."""
     data: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text(encoding="utf-8")
         data = yaml.safe_load(text) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config must be a YAML mapping")
-    return CacheTeacherConfig.model_validate(apply_overrides(data, overrides or []))
+    return model.model_validate(apply_overrides(data, overrides or []))
 
 
 def fingerprint(payload: Any) -> str:
     """Stable sha256 of JSON-able data (sorted keys), as hex."""
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def describe_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (for the refusal message)."""
+    keys = sorted(set(old) | set(new))
+    out: list[str] = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(describe_difference(a, b, name + "."))
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out

@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from pipeline.config import CacheTeacherConfig, fingerprint
+from pipeline.config import CacheTeacherConfig, describe_difference, fingerprint
 from stages.prompts import (
     input_fingerprint,
     load_rows,
@@ -89,20 +89,6 @@ def plan_fingerprint(
             "max_length": max_len,
         }
     )
-
-
-def describe_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts (for the refusal message)."""
-    keys = sorted(set(old) | set(new))
-    out: list[str] = []
-    for key in keys:
-        a, b = old.get(key), new.get(key)
-        name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(describe_difference(a, b, name + "."))
-        elif a != b:
-            out.append(f"{name}: {a!r} -> {b!r}")
-    return out
 
 
 def clear_shard_set(layout: ShardSetLayout) -> None:

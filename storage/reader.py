@@ -54,6 +54,51 @@ class LogitBatch:
     def k(self) -> int:
         return int(self.topk_ids.shape[1])
 
+    def take(self, rows: np.ndarray) -> LogitBatch:
+        """The rows ``rows`` (any order, repeats allowed) as a new contiguous batch.
+
+        One ragged gather: position indices are built with cumsum/repeat, never per token.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = self.row_offsets[rows]
+        lengths = self.row_offsets[rows + 1] - starts
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        positions = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return LogitBatch(
+            ids=[self.ids[i] for i in rows.tolist()],
+            row_offsets=offsets,
+            input_ids=self.input_ids[positions],
+            prompt_len=self.prompt_len[rows],
+            topk_ids=self.topk_ids[positions],
+            topk_logprobs=self.topk_logprobs[positions],
+            next_logprob=self.next_logprob[positions],
+        )
+
+    @classmethod
+    def concat(cls, batches: list[LogitBatch]) -> LogitBatch:
+        """Rows of ``batches`` one after the other (all must have the same k)."""
+        if len(batches) == 1:
+            return batches[0]
+        if len({b.k for b in batches}) > 1:
+            raise ValueError(
+                f"cannot concatenate batches with different k: {[b.k for b in batches]}"
+            )
+        ends = np.cumsum([0] + [b.num_tokens for b in batches])
+        offsets = np.concatenate(
+            [np.zeros(1, np.int64)]
+            + [b.row_offsets[1:] + e for b, e in zip(batches, ends, strict=False)]
+        )
+        return cls(
+            ids=[i for b in batches for i in b.ids],
+            row_offsets=offsets,
+            input_ids=np.concatenate([b.input_ids for b in batches]),
+            prompt_len=np.concatenate([b.prompt_len for b in batches]),
+            topk_ids=np.concatenate([b.topk_ids for b in batches]),
+            topk_logprobs=np.concatenate([b.topk_logprobs for b in batches]),
+            next_logprob=np.concatenate([b.next_logprob for b in batches]),
+        )
+
     def row(self, i: int) -> dict[str, Any]:
         """Views (not copies) of row ``i``'s slices."""
         a, b = int(self.row_offsets[i]), int(self.row_offsets[i + 1])
@@ -208,6 +253,14 @@ class ShardSet:
         ):
             raise ShardCorruptedError(f"{path}: codec or k differ from the first shard")
         return table
+
+    def complete_indices(self, strict: bool = False) -> list[int]:
+        """Plan indices of the shards with a valid completion record (sha256 checked on read)."""
+        return self._valid_indices(strict, check_sha256=False)
+
+    def read_shard(self, index: int) -> LogitBatch:
+        """Shard ``index`` decoded; raises :class:`ShardCorruptedError` if its bytes are bad."""
+        return decode_logit_table(self._read_shard(index), self.metadata)
 
     def iter_tables(self, strict: bool = False) -> Iterator[pa.Table]:
         """One verified Arrow table per complete shard. Corrupt shards raise if ``strict``,

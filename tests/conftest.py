@@ -77,3 +77,45 @@ def read_jsonl(path: Path) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
     return path
+
+
+def cache_settings(input_path: Path, out: Path, teacher_dir: Path, **prompts) -> dict:
+    """A cache-teacher config on the session's engine options (the worker's engine is reused)."""
+    return {
+        "input": {"path": str(input_path)},
+        "prompts": {"append_eos": True, **prompts},
+        "teacher": {
+            "model": str(teacher_dir),
+            "k": TEST_K,
+            "dtype": "float32",
+            "kv_cache_gib": 0.25,
+        },
+        "output": {"path": str(out), "rows_per_shard": 64, "codec": "fp16"},
+        "cluster": {"n_workers": 1},
+    }
+
+
+def _task_cache(tmp_path_factory, teacher_dir: Path, dask_client, split: str, n: int) -> Path:
+    from pipeline.config import CacheTeacherConfig
+    from pipeline.demo.task import DEFAULT_TASK, generate
+    from pipeline.execute import run_cache_teacher
+
+    root = tmp_path_factory.mktemp(f"{split}-cache")
+    rows = write_jsonl(root / "rows.jsonl", generate(DEFAULT_TASK, n, split, seed=1))
+    settings = cache_settings(rows, root / "cache", teacher_dir)
+    run_cache_teacher(
+        CacheTeacherConfig.model_validate(settings), client=dask_client, log=lambda _: None
+    )
+    return root / "cache"
+
+
+@pytest.fixture(scope="session")
+def train_cache(tmp_path_factory, teacher_dir, dask_client) -> Path:
+    """A real cache (vLLM, k=16, fp16) of 512 training rows `<s>a+b=answer</s>`."""
+    return _task_cache(tmp_path_factory, teacher_dir, dask_client, "train", 512)
+
+
+@pytest.fixture(scope="session")
+def heldout_cache(tmp_path_factory, teacher_dir, dask_client) -> Path:
+    """The same for 128 held-out rows: what evaluation scores against."""
+    return _task_cache(tmp_path_factory, teacher_dir, dask_client, "heldout", 128)

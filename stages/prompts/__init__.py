@@ -10,6 +10,12 @@ from .loading import InputRows, input_fingerprint, load_rows, resolve_format
 from .options import InputOptions, PrepareOptions
 from .prepare import prepare_prompts
 from .records import InputError, PreparedPrompts, SkippedRow
+from .token_bytes import (
+    byte_spans_of_ids,
+    token_byte_lengths,
+    token_byte_table,
+    widen_to_characters,
+)
 from .tokenize import char_to_byte_offsets, tokenizer_fingerprint
 
 __all__ = [
@@ -20,10 +26,14 @@ __all__ = [
     "PrepareOptions",
     "PreparedPrompts",
     "SkippedRow",
+    "byte_spans_of_ids",
     "char_to_byte_offsets",
     "input_fingerprint",
     "load_rows",
     "prepare_prompts",
     "resolve_format",
+    "token_byte_lengths",
+    "token_byte_table",
     "tokenizer_fingerprint",
+    "widen_to_characters",
 ]

@@ -24,7 +24,8 @@ class InputOptions(BaseModel):
     id_field: str = "id"
     text_field: str = "text"
     prompt_field: str = "prompt"
-    completion_field: str = "completion"
+    # None ignores completions: every prompt row becomes a generation prompt (generate-teacher).
+    completion_field: str | None = "completion"
     messages_field: str = "messages"
     limit: int | None = Field(default=None, ge=0)
 
@@ -42,3 +43,7 @@ class PrepareOptions(BaseModel):
     # Applies to text and prompt+completion rows only: a rendered chat template carries its own
     # special tokens, so chat rows are always tokenized without adding more.
     add_special_tokens: bool = True
+    # Append the tokenizer's EOS to text and prompt + completion rows (chat templates bring their
+    # own), so a student trained on the row learns where an answer ends. Generation prompts
+    # never get one. The EOS has an empty byte span at the end of the text.
+    append_eos: bool = False

@@ -156,10 +156,20 @@ def prepare_prompts(
     pending = _validate(src, tokenizer, input_opts, out)
     encoded = _tokenize(pending, tokenizer, opts.add_special_tokens)
 
+    eos = tokenizer.eos_token_id
+    if opts.append_eos and eos is None:
+        raise ValueError("prompts.append_eos is set but the tokenizer has no eos_token")
     cols: dict[str, list[Any]] = {k: [] for k in PROMPT_SCHEMA.names}
     num_truncated = 0
     for p, (ids, offsets) in zip(pending, encoded, strict=True):
         start, end = byte_spans(p.text, offsets)
+        if opts.append_eos and not p.chat and p.prompt_bytes is not None:
+            n_bytes = len(p.text.encode("utf-8"))
+            ids, start, end = (
+                np.append(ids, eos),
+                np.append(start, n_bytes),
+                np.append(end, n_bytes),
+            )
         n = len(ids)
         prompt_len = n if p.prompt_bytes is None else count_prompt_tokens(start, p.prompt_bytes)
         truncated = opts.max_length is not None and n > opts.max_length

@@ -137,7 +137,7 @@ def read_content(row: Mapping[str, Any], opts: InputOptions) -> Content:
         return Content({"messages": msgs}, prompt_msgs=prompt_msgs, completion_msgs=completion)
 
     if row.get(pf) is not None:
-        prompt, completion = row[pf], row.get(cf)
+        prompt, completion = row[pf], (row.get(cf) if cf is not None else None)
         if isinstance(prompt, list | tuple):
             prompt_msgs = _check_messages(prompt, pf)
             completion_msgs = None if completion is None else _check_messages(completion, cf)

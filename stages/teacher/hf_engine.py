@@ -2,6 +2,13 @@
 
 This is the oracle the vLLM engine is tested against and the compute floor the benchmark
 compares the pipeline with. It is exact (float32 log_softmax) but does no continuous batching.
+
+`generate` is the reference for rollouts: one prompt at a time (its n samples as one batch of
+equal-length rows, so no padding touches the numbers) with a KV cache. Greedy decoding is the
+part meant to match vLLM token for token. Sampling (temperature > 0) draws from a
+`torch.Generator` seeded per prompt with the same `prompt_seeds` as vLLM, so it is
+deterministic and independent of the other prompts, but it is a different sampler from vLLM's
+(Gumbel noise from per-token SplitMix64 on CPU): the same seed does not give the same samples.
 """
 
 from __future__ import annotations
@@ -9,7 +16,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stages.teacher.engine import EngineLimitError, ScoredTokens, TeacherOptions
+from stages.teacher.engine import (
+    EngineLimitError,
+    Generated,
+    GenerationOptions,
+    ScoredTokens,
+    TeacherOptions,
+    generation_offsets,
+    prompt_seeds,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -74,6 +89,85 @@ class HFTeacher:
             top.values.cpu().numpy(),
             next_lp.cpu().numpy(),
         )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        sequences: list[list[int]],
+        options: GenerationOptions,
+        seeds: list[int] | None = None,
+    ) -> Generated:
+        """Greedy or sampled completions, one prompt at a time; see the module docstring."""
+        eos = self._eos_ids() if options.stop_at_eos else torch.empty(0, dtype=torch.long)
+        samples: list[np.ndarray] = []
+        finish: list[str] = []
+        for seq, seed in zip(sequences, prompt_seeds(options, len(sequences), seeds), strict=True):
+            if not seq:
+                raise ValueError("cannot generate from an empty token sequence")
+            if len(seq) >= self.max_model_len:
+                raise EngineLimitError(
+                    f"a row has {len(seq)} tokens; generation needs room below max_model_len "
+                    f"= {self.max_model_len}"
+                )
+            rows, reasons = self._generate_one(seq, options, seed, eos)
+            samples.extend(rows)
+            finish.extend(reasons)
+        counts = np.fromiter((len(r) for r in samples), np.int64, count=len(samples))
+        token_ids = np.concatenate(samples) if samples else np.empty(0, np.int32)
+        return Generated(token_ids, generation_offsets(counts), finish, options.n)
+
+    def _eos_ids(self) -> torch.Tensor:
+        ids: set[int] = set()
+        for source in (self.model.generation_config, self.model.config):
+            value = getattr(source, "eos_token_id", None)
+            if value is not None:
+                ids.update([value] if isinstance(value, int) else value)
+        return torch.tensor(sorted(ids), dtype=torch.long)
+
+    def _generate_one(
+        self, seq: list[int], options: GenerationOptions, seed: int, eos: torch.Tensor
+    ) -> tuple[list[np.ndarray], list[str]]:
+        n = options.n
+        steps = min(options.max_tokens, self.max_model_len - len(seq))
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        eos = eos.to(self.device)
+        ids = torch.tensor([seq] * n, dtype=torch.long, device=self.device)  # [n, L]
+        out = torch.empty((n, steps), dtype=torch.long, device=self.device)
+        done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        stopped = torch.zeros(n, dtype=torch.bool, device=self.device)
+        lengths = torch.full((n,), steps, dtype=torch.long, device=self.device)
+        past = None
+        for t in range(steps):
+            result = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            nxt = self._pick(result.logits[:, -1].float(), options, generator)  # [n]
+            out[:, t] = nxt
+            hit = ~done & torch.isin(nxt, eos)
+            lengths = torch.where(hit, t + 1, lengths)
+            stopped |= hit
+            done |= hit
+            if bool(done.all()):
+                break
+            ids = nxt[:, None]
+        out_np, lengths_np = out.cpu().numpy().astype(np.int32), lengths.cpu().numpy()
+        rows = [out_np[j, : lengths_np[j]] for j in range(n)]
+        return rows, ["stop" if s else "length" for s in stopped.tolist()]
+
+    @staticmethod
+    def _pick(
+        logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Next token per row [n] from logits [n, V]: argmax, or a temperature/top-p draw."""
+        if options.greedy:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / options.temperature, dim=-1)
+        if options.top_p < 1:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            # Keep the smallest prefix reaching top_p (the top token always survives).
+            drop = sorted_p.cumsum(-1) - sorted_p >= options.top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
     def close(self) -> None:
         del self.model

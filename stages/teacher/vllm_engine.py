@@ -8,6 +8,23 @@ vLLM from building a Python object per (position, rank); what is left is convert
 vLLM lays out each scored position as k + 1 entries: the actual (prompt or sampled) token
 first, with its rank, then the top-k by rank. We keep entry 0 as the next-token logprob and
 entries 1..k as the top-k.
+
+`generate` (rollouts) is one `generate` call too, with a per-prompt `SamplingParams`. What the
+code relies on, read in vLLM 0.32's source:
+- EOS is kept: the scheduler appends each sampled token to the request, then `check_stop`
+  (v1/core/sched/utils.py) finishes it and trims only the tokens *after* the stop token, and
+  the detokenizer puts a skipped stop token back into `token_ids` (only `text` drops it). So a
+  completion that stops at EOS ends with EOS and reports finish_reason "stop"; one that runs
+  out of max_tokens (or the context) reports "length". With ignore_eos the EOS id is not a stop
+  token and may appear mid-completion.
+- n > 1 is fanned out into child requests (v1/engine/parallel_sampling.py); with the default
+  FINAL_ONLY output the parent gathers them by `CompletionOutput.index`, so `outputs[j]` is
+  sample j. Child j gets seed `seed + j`. `LLM.generate` returns requests sorted by request id,
+  i.e. in input order.
+- A request with a seed gets its own `torch.Generator` in the model runner; the CPU sampler
+  (`forward_cpu`) and the native one draw that request's noise from it alone, so its samples do
+  not depend on which other requests share the batch (up to logits differing in the last bits
+  between batch shapes, which can flip a near-tie).
 """
 
 from __future__ import annotations
@@ -19,8 +36,12 @@ import numpy as np
 from stages.teacher.engine import (
     LOGPROBS_MODE,
     EngineLimitError,
+    Generated,
+    GenerationOptions,
     ScoredTokens,
     TeacherOptions,
+    generation_offsets,
+    prompt_seeds,
 )
 
 _GIB = 1 << 30
@@ -131,6 +152,53 @@ class VllmTeacher:
             start = stop
         return ScoredTokens(topk_ids, topk_logprobs, next_logprob)
 
+    def generate(
+        self,
+        sequences: list[list[int]],
+        options: GenerationOptions,
+        seeds: list[int] | None = None,
+    ) -> Generated:
+        """Sample `options.n` completions per prompt; see `prompt_seeds` for the seeding."""
+        import vllm
+
+        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+        if lengths.size and lengths.min() < 1:
+            raise ValueError("cannot generate from an empty token sequence")
+        too_long = np.flatnonzero(lengths >= self.max_model_len)
+        if too_long.size:
+            raise EngineLimitError(
+                f"row {int(too_long[0])} has {int(lengths[too_long[0]])} tokens; generation "
+                f"needs room below max_model_len = {self.max_model_len}"
+            )
+        common = {
+            "n": options.n,
+            "temperature": options.temperature,
+            "top_p": options.top_p,
+            "max_tokens": options.max_tokens,
+            "ignore_eos": not options.stop_at_eos,
+            "detokenize": False,
+        }
+        params = [
+            vllm.SamplingParams(**common, seed=seed)
+            for seed in prompt_seeds(options, len(sequences), seeds)
+        ]
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(s)} for s in sequences], params, use_tqdm=False
+        )
+        samples = [c for out in outputs for c in _ordered(out.outputs, options.n)]
+        token_ids = (
+            np.concatenate([np.asarray(c.token_ids, dtype=np.int32) for c in samples])
+            if samples
+            else np.empty(0, np.int32)
+        )
+        counts = np.fromiter((len(c.token_ids) for c in samples), np.int64, count=len(samples))
+        return Generated(
+            token_ids=token_ids,
+            offsets=generation_offsets(counts),
+            finish_reason=[str(c.finish_reason) for c in samples],
+            n=options.n,
+        )
+
     def close(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)
         shutdown = getattr(engine, "shutdown", None) or getattr(
@@ -139,6 +207,15 @@ class VllmTeacher:
         if shutdown is not None:
             shutdown()
         del self.llm
+
+
+def _ordered(completions: list, n: int) -> list:
+    """A request's n completions by sample index (vLLM already orders them; this checks it)."""
+    if len(completions) != n:
+        raise RuntimeError(f"vLLM returned {len(completions)} completions, asked for n={n}")
+    if any(c.index != j for j, c in enumerate(completions)):
+        completions = sorted(completions, key=lambda c: c.index)
+    return completions
 
 
 def _entries(flat, positions: int, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,343 @@
+"""Stream cached teacher logits into training batches.
+
+A *source* is a logitforge shard set (checksums verified on every read) or plain Parquet
+logit files, e.g. a dataset pulled from the Hub without its `.logitforge/` bookkeeping. The
+dataset reads one shard at a time into a small shuffle buffer of whole shards, so memory is
+bounded by ``shuffle_shards`` shards whatever the dataset size, and yields ready-made batches:
+
+    input_ids       int64 [B, L]   right-padded with ``pad_id``
+    attention_mask  int64 [B, L]
+    loss_mask       bool  [B, L]   positions trained on (they predict the next token)
+    target_ids      int64 [B, L]   the next token at each position (-100 where there is none)
+    topk_ids        int64 [B, L, k]  the teacher's top-k ids (k padded to the sources' max)
+    topk_logprobs   float [B, L, k]  their raw logprobs (padding: -inf)
+
+Every tensor has the batch dimension first, so accelerate can split or dispatch batches
+across processes; the trainer gathers ``x[loss_mask]`` from logits and targets alike. Every
+step is a vectorised scatter over flat arrays; nothing loops over tokens. Under a
+multi-worker ``DataLoader`` each worker takes every n-th shard of the epoch's shuffled order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from storage.reader import LogitBatch, ShardSet, decode_logit_table
+from storage.schema import ShardSetMetadata, read_metadata
+
+
+class SourceError(ValueError):
+    """A training source cannot be used: named with the reason, raised before training."""
+
+
+@dataclass
+class LogitSource:
+    """One dataset of logit shards, opened and checked, readable shard by shard."""
+
+    url: str
+    metadata: ShardSetMetadata
+    num_shards: int
+    _shard_set: ShardSet | None = field(default=None, repr=False)
+    _files: list[str] = field(default_factory=list, repr=False)
+    _fs: Any = field(default=None, repr=False)
+    _indices: list[int] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def open(cls, url: str, strict: bool = True) -> LogitSource:
+        """Open ``url``: a shard set folder, a folder of Parquet files, or one Parquet file."""
+        fs, root = fsspec.core.url_to_fs(str(url))
+        if fs.exists(f"{root.rstrip('/')}/.logitforge/plan.json"):
+            shard_set = ShardSet.open(url)
+            try:
+                indices = shard_set.complete_indices(strict=strict)
+            except RuntimeError as e:
+                raise SourceError(f"{url}: {e}") from e
+            if not indices:
+                raise SourceError(f"{url}: the shard set has no complete shards")
+            try:
+                meta = shard_set.metadata
+            except ValueError as e:
+                raise SourceError(f"{url}: {e}") from e
+            source = cls(url, meta, len(indices), _shard_set=shard_set, _indices=indices)
+        else:
+            if fs.isfile(root):
+                files = [root]
+            else:
+                files = sorted(fs.glob(f"{root.rstrip('/')}/data/*.parquet")) or sorted(
+                    fs.glob(f"{root.rstrip('/')}/*.parquet")
+                )
+            if not files:
+                raise SourceError(
+                    f"{url}: no shard set (.logitforge/plan.json) and no Parquet files"
+                )
+            try:
+                with fs.open(files[0], "rb") as f:
+                    meta = read_metadata(pq.read_schema(f))
+            except ValueError as e:
+                raise SourceError(f"{url}: {e}") from e
+            source = cls(url, meta, len(files), _files=files, _fs=fs)
+        try:
+            meta.make_codec()
+        except ValueError as e:
+            raise SourceError(f"{url}: {e}") from e
+        return source
+
+    def read(self, i: int) -> LogitBatch:
+        """The i-th readable shard, decoded to float32."""
+        if self._shard_set is not None:
+            return self._shard_set.read_shard(self._indices[i])
+        with self._fs.open(self._files[i], "rb") as f:
+            table = pq.read_table(f)
+        meta = read_metadata(table.schema)
+        if (meta.codec, meta.codec_params, meta.k) != (
+            self.metadata.codec,
+            self.metadata.codec_params,
+            self.metadata.k,
+        ):
+            raise SourceError(f"{self._files[i]}: codec or k differ from {self._files[0]}")
+        return decode_logit_table(table, meta)
+
+    @property
+    def shard_set(self) -> ShardSet | None:
+        """The shard set behind this source (None for plain Parquet files)."""
+        return self._shard_set
+
+    @property
+    def num_rows(self) -> int | None:
+        if self._shard_set is not None:
+            return sum(self._shard_set.plan.shard(i).num_rows for i in self._indices)
+        return None
+
+
+def open_sources(
+    urls: list[str], *, tokenizer_fingerprint: str | None = None, strict: bool = True
+) -> list[LogitSource]:
+    """Open and check every source before any training step runs.
+
+    Refuses (with the source named): a missing or empty source, an unknown codec or format
+    version, and, given ``tokenizer_fingerprint``, a cache made with another tokenizer than
+    the student's.
+    """
+    if not urls:
+        raise SourceError("no training sources given (data.sources is empty)")
+    sources: list[LogitSource] = []
+    for url in urls:
+        try:
+            source = LogitSource.open(url, strict=strict)
+        except (FileNotFoundError, ValueError) as e:
+            raise SourceError(f"cannot use training source {url}: {e}") from e
+        fp = source.metadata.tokenizer_fingerprint
+        if tokenizer_fingerprint is not None and fp != tokenizer_fingerprint:
+            raise SourceError(
+                f"{url} was made with another tokenizer (fingerprint {fp}) than the student's "
+                f"({tokenizer_fingerprint}); a student with a different tokenizer needs the "
+                "cross-tokenizer path"
+            )
+        sources.append(source)
+    return sources
+
+
+def token_rows(ids: np.ndarray, lengths: np.ndarray, prompt_len: np.ndarray) -> LogitBatch:
+    """Rows without teacher targets (k = 0) from a right-padded matrix [R, L] and lengths [R].
+
+    What hard-label training on in-memory data (the embedded teacher's build) feeds `collate`.
+    """
+    mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    return LogitBatch(
+        ids=[""] * len(lengths),
+        row_offsets=offsets,
+        input_ids=ids[mask],
+        prompt_len=np.asarray(prompt_len),
+        topk_ids=np.zeros((total, 0), dtype=np.int32),
+        topk_logprobs=np.zeros((total, 0), dtype=np.float32),
+        next_logprob=np.full(total, np.nan, dtype=np.float32),
+    )
+
+
+def collate(
+    rows: LogitBatch, *, pad_id: int, include_prompt: bool = False
+) -> dict[str, torch.Tensor]:
+    """One training batch from ``rows`` (see the module docstring for the keys).
+
+    Position j of a row of n tokens is trained when it has a next token (j < n - 1) and,
+    unless ``include_prompt``, that token is a completion token (j >= prompt_len - 1).
+    """
+    offsets = rows.row_offsets
+    lengths = np.diff(offsets)
+    num_rows, width = len(lengths), int(lengths.max())
+    row = np.repeat(np.arange(num_rows), lengths)
+    col = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+    input_ids = np.full((num_rows, width), pad_id, dtype=np.int64)
+    input_ids[row, col] = rows.input_ids
+    attention_mask = np.zeros((num_rows, width), dtype=np.int64)
+    attention_mask[row, col] = 1
+
+    first = np.zeros(num_rows, dtype=np.int64) if include_prompt else rows.prompt_len - 1
+    trained = (col < lengths[row] - 1) & (col >= first[row])
+    loss_mask = np.zeros((num_rows, width), dtype=bool)
+    loss_mask[row[trained], col[trained]] = True
+    # Position j's target is token j + 1 of the same row; untrained positions keep -100.
+    targets = np.full((num_rows, width), -100, dtype=np.int64)
+    has_next = col < lengths[row] - 1
+    targets[row[has_next], col[has_next]] = rows.input_ids[1:][has_next[:-1]]
+    batch = {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention_mask),
+        "loss_mask": torch.from_numpy(loss_mask),
+        "target_ids": torch.from_numpy(targets),
+    }
+    if rows.k > 0:
+        topk_ids = np.zeros((num_rows, width, rows.k), dtype=np.int64)
+        topk_lps = np.full((num_rows, width, rows.k), -np.inf, dtype=np.float32)
+        topk_ids[row, col] = rows.topk_ids
+        topk_lps[row, col] = rows.topk_logprobs
+        batch["topk_ids"] = torch.from_numpy(topk_ids)
+        batch["topk_logprobs"] = torch.from_numpy(topk_lps)
+    return batch
+
+
+class DistillDataset(IterableDataset):
+    """Shuffled batches from logit sources: one epoch per iteration, or endless epochs.
+
+    With ``repeat`` the stream never ends and epoch e + 1 follows epoch e (each shuffled with
+    its own seed), so a trainer that counts steps, not epochs, resumes exactly by skipping the
+    batches it already consumed: the stream is a pure function of (seed, position).
+    """
+
+    def __init__(
+        self,
+        sources: list[LogitSource],
+        *,
+        batch_size: int,
+        pad_id: int,
+        include_prompt: bool = False,
+        shuffle: bool = True,
+        shuffle_shards: int = 4,
+        seed: int = 0,
+        drop_last: bool = False,
+        repeat: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or shuffle_shards < 1:
+            raise ValueError("batch_size and shuffle_shards must be >= 1")
+        self.sources = sources
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.include_prompt = include_prompt
+        self.shuffle = shuffle
+        self.shuffle_shards = shuffle_shards
+        self.seed = seed
+        self.drop_last = drop_last
+        self.repeat = repeat
+        self.epoch = 0
+        self.k = max(s.metadata.k for s in sources)
+        self.shards = [(s, i) for s, source in enumerate(sources) for i in range(source.num_shards)]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _shard_order(self, epoch: int) -> list[tuple[int, int]]:
+        order = list(self.shards)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = [order[i] for i in rng.permutation(len(order))]
+        info = get_worker_info()
+        if info is not None:
+            order = order[info.id :: info.num_workers]
+        return order
+
+    def _batch(self, pool: LogitBatch) -> dict[str, torch.Tensor]:
+        return collate(pool, pad_id=self.pad_id, include_prompt=self.include_prompt)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker = 0 if info is None else info.id + 1
+        epoch = self.epoch
+        pool: LogitBatch | None = None
+        while True:
+            rng = np.random.default_rng([self.seed, epoch, worker])
+            order = self._shard_order(epoch)
+            for start in range(0, len(order), self.shuffle_shards):
+                group = [
+                    _pad_k(self.sources[s].read(i), self.k)
+                    for s, i in order[start : start + self.shuffle_shards]
+                ]
+                pool = LogitBatch.concat(([pool] if pool is not None else []) + group)
+                if self.shuffle:
+                    pool = pool.take(rng.permutation(pool.num_rows))
+                full = pool.num_rows - pool.num_rows % self.batch_size
+                for b in range(0, full, self.batch_size):
+                    yield self._batch(pool.take(np.arange(b, b + self.batch_size)))
+                pool = pool.take(np.arange(full, pool.num_rows)) if full < pool.num_rows else None
+            if not self.repeat:
+                break
+            epoch += 1  # the leftover rows open the next epoch's first batch
+        if pool is not None and not self.drop_last:
+            yield self._batch(pool)
+
+
+def _pad_k(batch: LogitBatch, k: int) -> LogitBatch:
+    """Widen top-k to ``k`` with zero-mass entries (id 0, logprob -inf): sources may differ."""
+    if batch.k == k:
+        return batch
+    pad = ((0, 0), (0, k - batch.k))
+    return LogitBatch(
+        ids=batch.ids,
+        row_offsets=batch.row_offsets,
+        input_ids=batch.input_ids,
+        prompt_len=batch.prompt_len,
+        topk_ids=np.pad(batch.topk_ids, pad),
+        topk_logprobs=np.pad(batch.topk_logprobs, pad, constant_values=-np.inf),
+        next_logprob=batch.next_logprob,
+    )
+
+
+class RowsDataset(IterableDataset):
+    """Batches from in-memory rows, e.g. `token_rows` for the embedded teacher's build."""
+
+    def __init__(
+        self,
+        rows: LogitBatch,
+        *,
+        batch_size: int,
+        pad_id: int,
+        include_prompt: bool = False,
+        shuffle: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.rows = rows
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.include_prompt = include_prompt
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        n = self.rows.num_rows
+        order = (
+            np.random.default_rng([self.seed, self.epoch]).permutation(n)
+            if self.shuffle
+            else np.arange(n)
+        )
+        for b in range(0, n, self.batch_size):
+            yield collate(
+                self.rows.take(order[b : b + self.batch_size]),
+                pad_id=self.pad_id,
+                include_prompt=self.include_prompt,
+            )

@@ -1,0 +1,107 @@
+"""User-facing options of the training stage (they cross into pipeline configs, hence pydantic)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LossKind = Literal["ce", "forward_kl", "reverse_kl", "jsd"]
+
+
+class LossOptions(BaseModel):
+    """The distillation objective: alpha * T^2 * soft(teacher, student) + (1 - alpha) * CE."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: LossKind = Field(
+        "forward_kl",
+        description="ce (hard labels only), forward_kl, reverse_kl or jsd (GKD, with beta).",
+    )
+    temperature: float = Field(1.0, gt=0, description="Applied to teacher and student alike.")
+    alpha: float = Field(1.0, ge=0, le=1, description="Weight of the soft term; 1 - alpha on CE.")
+    beta: float = Field(0.5, ge=0, le=1, description="Generalized JSD interpolation (jsd only).")
+    tail: Literal["renorm", "rest"] = Field(
+        "renorm",
+        description="Top-k tail: renormalise over top-k, or one 'rest' bucket of 1 - sum(p).",
+    )
+
+
+class StudentArch(BaseModel):
+    """A small Llama built locally (head size hidden/heads must be 32 or 64 for vLLM on CPU)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(192, ge=8)
+    max_position_embeddings: int | None = Field(
+        None, ge=2, description="Defaults to the tokenizer's model_max_length (at most 4096)."
+    )
+    tie_word_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> StudentArch:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"
+            )
+        return self
+
+
+class StudentOptions(BaseModel):
+    """Which student: an existing causal LM (`model`), or one built from `build`."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(None, description="Hub id or local path of the student.")
+    build: StudentArch | None = Field(None, description="Build a small Llama instead.")
+    tokenizer: str | None = Field(
+        None, description="Defaults to `model`, or to the cache's teacher model when building."
+    )
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentOptions:
+        if (self.model is None) == (self.build is None):
+            raise ValueError("student: set exactly one of `model` (a path or id) or `build`")
+        return self
+
+
+class DataOptions(BaseModel):
+    """Which shard sets feed the student, and how they are batched."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[str] = Field(
+        min_length=1, description="Shard sets or folders of Parquet logit files (local or URL)."
+    )
+    include_prompt: bool = Field(False, description="Also train on prompt positions.")
+    batch_size: int = Field(128, ge=1, description="Rows per batch (per device).")
+    shuffle: bool = True
+    shuffle_shards: int = Field(4, ge=1, description="Whole shards mixed in the shuffle buffer.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    strict: bool = Field(True, description="Refuse a source with incomplete shards.")
+
+
+class TrainOptions(BaseModel):
+    """The optimisation recipe: AdamW, linear warm-up, cosine decay to min_lr_ratio * lr."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output_dir: str = Field(description="Checkpoints and the final model go here.")
+    steps: int = Field(ge=1, description="Optimizer steps.")
+    lr: float = Field(2e-3, gt=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    adam_beta2: float = Field(0.98, gt=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    seed: int = 0
+    save_steps: int = Field(200, ge=1, description="Checkpoint every N steps (resume point).")
+    save_total_limit: int = Field(2, ge=1)
+    logging_steps: int = Field(50, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None: all cores.")

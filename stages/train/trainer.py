@@ -1,0 +1,226 @@
+"""The one training path: a `transformers.Trainer` subclass with distillation losses.
+
+Checkpoints, logging, gradient accumulation, resume and accelerate/FSDP/DeepSpeed come from
+`Trainer`; this module only adds what distillation needs: batches that are already collated
+(the loader yields whole batches, see `stages.train.loader`), a loss computed on the trained
+positions only (`logits[loss_mask]`, so the vocabulary-sized tensor is never built for padding
+or prompt positions), and progress lines a person can read. The embedded teacher's build and
+the student stage both train through `train_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from stages.train.losses import distill_loss
+from stages.train.options import LossOptions, TrainOptions
+
+Log = Callable[[str], None]
+SUMMARY_FILE = "train_summary.json"
+
+
+class DistillTrainer(Trainer):
+    """`Trainer` whose batches carry sparse teacher targets for the trained positions."""
+
+    def __init__(self, *args: Any, loss: LossOptions, num_workers: int = 0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.loss_options = loss
+        self.num_workers = num_workers
+        self._parts: dict[str, float] = {}
+        self._parts_n = 0
+        self.tokens_seen = 0
+
+    def get_train_dataloader(self) -> DataLoader:
+        # The dataset yields collated batches: no sampler, no collator, batch_size=None.
+        loader = DataLoader(
+            self.train_dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+        return self.accelerator.prepare(loader)
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ):
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        mask = inputs["loss_mask"]
+        topk_ids, topk_logprobs = inputs.get("topk_ids"), inputs.get("topk_logprobs")
+        opts = self.loss_options
+        loss, parts = distill_loss(
+            out.logits[mask],  # [N, V]: only trained positions reach the vocabulary-wide loss
+            inputs["target_ids"][mask],
+            None if topk_ids is None else topk_ids[mask],
+            None if topk_logprobs is None else topk_logprobs[mask],
+            kind=opts.kind,
+            temperature=opts.temperature,
+            alpha=opts.alpha,
+            beta=opts.beta,
+            tail=opts.tail,
+        )
+        for key, value in parts.items():
+            self._parts[key] = self._parts.get(key, 0.0) + value
+        self._parts_n += 1
+        self.tokens_seen += int(inputs["loss_mask"].sum())
+        return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._parts_n and "loss" in logs:
+            for key, value in self._parts.items():
+                logs[f"loss_{key}"] = round(value / self._parts_n, 5)
+            self._parts, self._parts_n = {}, 0
+        super().log(logs, start_time)
+
+
+class _Progress(TrainerCallback):
+    """One readable line per logging step, and the last logged values for the summary."""
+
+    def __init__(self, log: Log, total: int) -> None:
+        self.log = log
+        self.total = total
+        self.started = time.perf_counter()
+        self.last: dict[str, float] = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if not logs or "loss" not in logs:
+            return
+        self.last = dict(logs)
+        parts = " ".join(f"{k[5:]} {v:.4f}" for k, v in logs.items() if k.startswith("loss_"))
+        elapsed = time.perf_counter() - self.started
+        self.log(
+            f"  step {state.global_step}/{self.total} loss {logs['loss']:.4f}"
+            + (f" ({parts})" if parts else "")
+            + f" lr {logs.get('learning_rate', 0):.2e} | {elapsed:.0f} s"
+        )
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    steps: int
+    resumed_from: str | None
+    final_loss: float | None
+    train_seconds: float
+    tokens_trained: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def training_arguments(opts: TrainOptions, num_workers: int = 0) -> TrainingArguments:
+    """The recipe as `TrainingArguments` (AdamW, warm-up, cosine to min_lr_ratio * lr)."""
+    return TrainingArguments(
+        output_dir=opts.output_dir,
+        max_steps=opts.steps,
+        learning_rate=opts.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": opts.min_lr_ratio},
+        warmup_steps=opts.warmup_steps,
+        weight_decay=opts.weight_decay,
+        adam_beta1=0.9,
+        adam_beta2=opts.adam_beta2,
+        max_grad_norm=opts.grad_clip,
+        gradient_accumulation_steps=opts.grad_accum,
+        seed=opts.seed,
+        data_seed=opts.seed,
+        save_strategy="steps",
+        save_steps=opts.save_steps,
+        save_total_limit=opts.save_total_limit,
+        logging_steps=opts.logging_steps,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=num_workers,
+        remove_unused_columns=False,
+        label_names=[],
+    )
+
+
+def train_model(
+    model: torch.nn.Module,
+    dataset: IterableDataset,
+    train: TrainOptions,
+    loss: LossOptions,
+    *,
+    tokenizer: Any = None,
+    num_workers: int = 0,
+    save_final: bool = True,
+    log: Log = print,
+) -> TrainResult:
+    """Train ``model`` in place for ``train.steps`` steps, resuming from the last checkpoint.
+
+    Killing a run and calling this again with the same arguments continues from the newest
+    ``checkpoint-*`` in ``train.output_dir`` (weights, optimizer, scheduler, RNG and data
+    position). With ``save_final`` the model (and tokenizer) is saved in ``output_dir``,
+    loadable by ``from_pretrained`` and servable by vLLM.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would bury the progress lines
+    threads = torch.get_num_threads()
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    try:
+        trainer = DistillTrainer(
+            model=model,
+            args=training_arguments(train, num_workers),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            loss=loss,
+            num_workers=num_workers,
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        progress = _Progress(log, train.steps)
+        trainer.add_callback(progress)
+        last = get_last_checkpoint(train.output_dir) if Path(train.output_dir).is_dir() else None
+        if last:
+            log(f"  resuming from {last}")
+        t0 = time.perf_counter()
+        trainer.train(resume_from_checkpoint=last)
+        seconds = time.perf_counter() - t0
+        if save_final:
+            trainer.save_model(train.output_dir)
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    final = progress.last.get("loss")
+    return TrainResult(
+        output_dir=train.output_dir,
+        steps=trainer.state.global_step,
+        resumed_from=last,
+        final_loss=None if final is None or math.isnan(final) else float(final),
+        train_seconds=round(seconds, 2),
+        tokens_trained=trainer.tokens_seen,
+    )
+
+
+def write_summary(output_dir: str | Path, summary: dict[str, Any]) -> None:
+    """The completion marker of a training run, written last."""
+    path = Path(output_dir) / SUMMARY_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def read_summary(output_dir: str | Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(output_dir) / SUMMARY_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
