@@ -2,6 +2,7 @@
 #   make cache-teacher   build the embedded teacher if needed, then cache its top-k logprobs
 #   make test            run the test suite (real vLLM, real Dask cluster)
 #   make bench           capture throughput vs the compute floor -> bench/results/*.json
+#   make demo            cache, generate, distill 5 ways x 3 seeds, evaluate -> artifacts/demo/
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +15,7 @@ CONFIG ?= configs/cache-teacher.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install teacher cache-teacher test bench lint format clean
+.PHONY: install teacher cache-teacher generate-teacher distill demo test bench lint format clean
 
 install: $(STAMP)
 
@@ -41,6 +42,15 @@ teacher: install
 cache-teacher: teacher
 	$(VENV)/bin/logitforge cache-teacher --config $(CONFIG) $(ARGS)
 
+generate-teacher: teacher
+	$(VENV)/bin/logitforge generate-teacher --config configs/generate-teacher.yaml $(ARGS)
+
+distill: cache-teacher
+	$(VENV)/bin/logitforge distill --config configs/distill.yaml $(ARGS)
+
+demo: teacher
+	$(VENV)/bin/logitforge demo $(ARGS)
+
 test: teacher
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -56,4 +66,4 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf artifacts/cache bench/results .pytest_cache
+	rm -rf artifacts/cache artifacts/demo artifacts/students bench/results .pytest_cache

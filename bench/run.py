@@ -11,7 +11,9 @@ same prompts (absolute times on shared CPU machines are noise):
 
 Plus bytes/token on disk for each codec at the same k, encoded from the same teacher output.
 
-    python -m bench.run [--suite tiny|llama45m|all] [--rows N] [--seq-len N] [--k 64]
+Plus the student loader's tokens/s against a training step's consumption (bench/loader.py).
+
+    python -m bench.run [--suite tiny|llama45m|loader|all] [--rows N] [--seq-len N] [--k 64]
 """
 
 from __future__ import annotations
@@ -228,7 +230,7 @@ def _has_cuda() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=["tiny", "llama45m", "all"], default="all")
+    parser.add_argument("--suite", choices=["tiny", "llama45m", "loader", "all"], default="all")
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
     teacher = _teacher_dir()
     suites = []
-    if args.suite in ("tiny", "all"):
+    if args.suite in ("tiny", "loader", "all"):
         suites.append(
             Suite(
                 "tiny-teacher", teacher, REPO_ROOT / "configs/data/arith.jsonl", "float32", 64, 256
@@ -251,18 +253,30 @@ def main(argv: list[str] | None = None) -> int:
         dtype = "bfloat16" if _has_cuda() else "float32"
         suites.append(Suite(f"llama45m-{dtype}", model, data, dtype, args.seq_len + 8, 16))
 
-    results = [bench_suite(s, args.k) for s in suites]
+    results = [bench_suite(s, args.k) for s in suites if args.suite != "loader"]
     report = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "results": results,
     }
+    loader = None
+    if args.suite in ("loader", "all"):
+        from bench.loader import bench_loader
+
+        cache = WORK_DIR / f"tiny-teacher-k{args.k}"
+        if not (cache / ".logitforge" / "plan.json").exists():
+            run_pipeline(suites[0], args.k, cache)
+        loader = report["loader"] = bench_loader(cache)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = RESULTS_DIR / f"capture-{stamp}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS_DIR / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     print(render_table(results))
+    if loader is not None:
+        from bench.loader import render
+
+        print(render(loader))
     print(f"results: {path.relative_to(REPO_ROOT)}")
     return 0
 

@@ -26,6 +26,8 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     if args.overwrite:
         overrides.append("output.overwrite=true")
     cfg = load_config(args.config, overrides)
+    if args.command == "generate-teacher" and cfg.generation is None:
+        raise ValueError(f"{args.config} has no `generation:` section; generate-teacher needs one")
     summary = run_cache_teacher(cfg, log=lambda msg: print(msg, flush=True))
     print(summary.render(), flush=True)
     if args.summary_json:
@@ -49,10 +51,31 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipeline.config import apply_overrides, load_yaml
+    from stages.evaluate import EvalOptions, evaluate_checkpoints, render_table
+
+    data = load_yaml(args.config) if args.config else {}
+    if args.data:
+        data["data"] = args.data
+    opts = EvalOptions.model_validate(apply_overrides(data, list(args.set or [])))
+    results = evaluate_checkpoints(args.model, opts, log=lambda msg: print(msg, flush=True))
+    print(render_table(results), flush=True)
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
 def _build_teacher(args: argparse.Namespace) -> int:
     from pipeline.demo.build import main as build_main
 
     return build_main(args.extra)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pipeline.demo.run import main as demo_main
+
+    return demo_main(args.extra)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -69,21 +92,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="logitforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    cache = sub.add_parser(
-        "cache-teacher", help="cache a teacher's top-k logprobs into a Parquet shard set"
-    )
-    cache.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config")
-    cache.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override, e.g. teacher.k=32"
-    )
-    cache.add_argument("--output", help="output folder or fsspec URL (output.path)")
-    cache.add_argument("--scheduler", help="address of a running Dask scheduler")
-    cache.add_argument("--n-workers", type=int, help="LocalCluster worker processes")
-    cache.add_argument(
-        "--overwrite", action="store_true", help="replace a shard set made from another config"
-    )
-    cache.add_argument("--summary-json", help="also write the summary as JSON here")
-    cache.set_defaults(func=_cache_teacher)
+    for name, help_text, default in (
+        (
+            "cache-teacher",
+            "cache a teacher's top-k logprobs into a Parquet shard set",
+            DEFAULT_CONFIG,
+        ),
+        (
+            "generate-teacher",
+            "have the teacher generate completions, stored with their top-k logprobs",
+            "configs/generate-teacher.yaml",
+        ),
+    ):
+        cache = sub.add_parser(name, help=help_text)
+        cache.add_argument("--config", default=default, help="YAML config")
+        cache.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help="override, e.g. teacher.k=32"
+        )
+        cache.add_argument("--output", help="output folder or fsspec URL (output.path)")
+        cache.add_argument("--scheduler", help="address of a running Dask scheduler")
+        cache.add_argument("--n-workers", type=int, help="LocalCluster worker processes")
+        cache.add_argument(
+            "--overwrite", action="store_true", help="replace a shard set made from another config"
+        )
+        cache.add_argument("--summary-json", help="also write the summary as JSON here")
+        cache.set_defaults(func=_cache_teacher)
 
     distill = sub.add_parser("distill", help="train a student from cached teacher logits")
     distill.add_argument("--config", default="configs/distill.yaml", help="YAML config")
@@ -97,12 +130,31 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--summary-json", help="also write the summary as JSON here")
     distill.set_defaults(func=_distill)
 
+    evaluate = sub.add_parser(
+        "evaluate", help="held-out accuracy (vLLM), perplexity and KL to the teacher"
+    )
+    evaluate.add_argument(
+        "--model", action="append", required=True, help="checkpoint folder (repeat for more)"
+    )
+    evaluate.add_argument("--data", help="held-out teacher shard set (the `data` option)")
+    evaluate.add_argument("--config", help="YAML with evaluate options")
+    evaluate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override")
+    evaluate.add_argument("--output-json", help="write the results here")
+    evaluate.set_defaults(func=_evaluate)
+
     build = sub.add_parser(
         "build-teacher",
         help="build the embedded arithmetic teacher (options: see build-teacher --help)",
         add_help=False,  # --help and every option belong to pipeline.demo.build
     )
     build.set_defaults(func=_build_teacher, passthrough=True)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the whole story on the embedded task (options: see demo --help)",
+        add_help=False,
+    )
+    demo.set_defaults(func=_demo, passthrough=True)
 
     inspect = sub.add_parser("inspect", help="print a shard set's metadata")
     inspect.add_argument("path")

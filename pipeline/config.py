@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from stages.prompts import InputOptions, PrepareOptions
-from stages.teacher import TeacherOptions
+from stages.teacher import GenerationOptions, TeacherOptions
 from stages.train.options import DataOptions, LossOptions, StudentOptions, TrainOptions
 
 
@@ -60,6 +60,16 @@ class CacheTeacherConfig(BaseModel):
     teacher: TeacherOptions
     output: OutputOptions
     cluster: ClusterOptions = Field(default_factory=ClusterOptions)
+    generation: GenerationOptions | None = Field(
+        None,
+        description="Set: the teacher generates completions of each row's prompt part, "
+        "which are then scored like cached rows (generate-teacher).",
+    )
+
+    @property
+    def kind(self) -> str:
+        """What the shard set holds: the teacher's scores of the input, or of its generations."""
+        return "teacher_generated" if self.generation is not None else "teacher_logits"
 
     @property
     def task_resources(self) -> dict[str, float] | None:
@@ -73,12 +83,15 @@ class CacheTeacherConfig(BaseModel):
             include={"model", "revision", "tokenizer", "engine", "k", "dtype", "max_model_len"}
         )
         output = self.output.model_dump(include={"rows_per_shard", "codec", "codec_params"})
-        return {
+        defining = {
             "input": self.input.model_dump(),
             "prompts": self.prompts.model_dump(),
             "teacher": teacher,
             "output": output,
         }
+        if self.generation is not None:  # absent for plain caches: their fingerprints stand
+            defining["generation"] = self.generation.model_dump()
+        return defining
 
 
 class DistillConfig(BaseModel):
@@ -130,18 +143,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path`` (an empty file is an empty mapping)."""
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config must be a YAML mapping")
+    return data
+
+
 def load_config(
     path: str | Path | None,
     overrides: list[str] | None = None,
     model: type[ConfigT] = CacheTeacherConfig,  # type: ignore[assignment]
 ) -> ConfigT:
     """Read a YAML config (or start empty), apply overrides, validate as ``model``."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text(encoding="utf-8")
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a config must be a YAML mapping")
+    data = load_yaml(path) if path is not None else {}
     return model.model_validate(apply_overrides(data, overrides or []))
 
 

@@ -48,6 +48,8 @@ class RunSummary:
     bytes: int
     tokens_run: int  # tokens of the shards run now (the ones `engine_s` timed)
     redone: dict[str, str] = field(default_factory=dict)  # shard -> why it was redone
+    kind: str = "teacher_logits"
+    counts: dict[str, int] = field(default_factory=dict)  # summed stage counts of the run
 
     @property
     def bytes_per_token(self) -> float:
@@ -66,8 +68,9 @@ class RunSummary:
 
     def render(self) -> str:
         skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
+        title = "generate-teacher" if self.kind == "teacher_generated" else "cache-teacher"
         lines = [
-            "cache-teacher summary",
+            f"{title} summary",
             f"  output         {self.output}",
             f"  shards         {self.shards} ({self.shards_run} run now, "
             f"{self.shards_reused} already done)",
@@ -81,6 +84,9 @@ class RunSummary:
             "  load it        datasets.load_dataset"
             f"({self.output!r}) or storage.reader.ShardSet.open({self.output!r})",
         ]
+        if self.counts:
+            shown = ", ".join(f"{n:,} {what}" for what, n in self.counts.items())
+            lines.insert(5, f"  generated      {shown} (in the shards run now)")
         for shard, why in sorted(self.redone.items()):
             lines.append(f"  redone         {shard}: {why}")
         return "\n".join(lines)
@@ -125,8 +131,9 @@ def _task_spec(cfg: CacheTeacherConfig, plan: Plan, index: int, tok_fp: str) -> 
         prompts_sha256=plan.shard(index).prompts_sha256,
         codec=cfg.output.codec,
         codec_params=cfg.output.codec_params,
+        generation=cfg.generation,
         metadata={
-            "kind": "teacher_logits",
+            "kind": cfg.kind,
             "teacher_model": cfg.teacher.model,
             "teacher_revision": cfg.teacher.revision,
             "tokenizer_fingerprint": tok_fp,
@@ -189,11 +196,21 @@ def run_cache_teacher(
         bytes=sum(r.bytes for r in all_records),
         tokens_run=sum(r.tokens for r in run_records),
         redone=redone,
+        kind=cfg.kind,
+        counts=_sum_counts(run_records),
     )
     metadata = ShardSet.open(layout.url).metadata
     card_summary = {k: v for k, v in summary.as_dict().items() if k not in {"redone", "output"}}
     write_dataset_card(layout, metadata, card_summary)
     return summary
+
+
+def _sum_counts(records: list[DoneRecord]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for record in records:
+        for key, value in record.counts.items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def _run_tasks(

@@ -82,6 +82,7 @@ class DoneRecord(BaseModel):
     sha256: str
     plan_fingerprint: str
     timings: dict[str, float] = Field(default_factory=dict)  # stage -> seconds
+    counts: dict[str, int] = Field(default_factory=dict)  # stage-specific, e.g. finish reasons
     finished_at: str
     worker: str | None = None
 

@@ -167,11 +167,33 @@ def test_fast_encode_matches_the_tokenizer(tokenizer, monkeypatch) -> None:
 
 
 def test_lr_schedule() -> None:
-    spec = BuildSpec(steps=110, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
-    assert demo_build._lr_at(0, spec) == pytest.approx(1e-4)
-    assert demo_build._lr_at(9, spec) == pytest.approx(1e-3)
-    assert demo_build._lr_at(60, spec) == pytest.approx(0.55e-3)
-    assert demo_build._lr_at(110, spec) == pytest.approx(1e-4)
+    """The Trainer's schedule: linear warm-up, then cosine down to min_lr_ratio * lr."""
+    import torch
+    from transformers import get_scheduler
+
+    from stages.train.options import TrainOptions
+    from stages.train.trainer import training_arguments
+
+    args = training_arguments(
+        TrainOptions(output_dir="unused", steps=110, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    )
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    sched = get_scheduler(
+        args.lr_scheduler_type,
+        opt,
+        num_warmup_steps=args.warmup_steps,
+        num_training_steps=args.max_steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+    )
+    lrs = []
+    for _ in range(111):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5e-3)
+    assert lrs[10] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(0.55e-3)
+    assert lrs[110] == pytest.approx(1e-4)
 
 
 def test_fingerprint_tracks_the_spec() -> None:

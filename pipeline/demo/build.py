@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -35,7 +34,8 @@ DEFAULT_TEACHER_DIR = Path("artifacts/models/arith-teacher")
 DEFAULT_BASELINE_DIR = Path("artifacts/models/arith-baseline")
 
 # Bump when the recipe changes in a way the spec does not capture (new data layout, ...).
-RECIPE_VERSION = 1
+# 2: trained by the student stage's Trainer (one training path for teacher and students).
+RECIPE_VERSION = 2
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 CHAT_TEMPLATE = (
@@ -70,7 +70,7 @@ class BuildSpec:
     task: TaskSpec = DEFAULT_TASK
     model: ModelSpec = field(default_factory=ModelSpec)
     vocab_size: int = 320  # upper bound: 256 bytes + specials + the merges the corpus offers
-    steps: int = 800
+    steps: int = 1100
     batch_size: int = 128
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
@@ -212,95 +212,61 @@ def _encode(tokenizer, rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return ids, prompt_len
 
 
-def _labels(ids: np.ndarray, prompt_len: np.ndarray, pad_id: int, loss_on: str) -> np.ndarray:
-    """Labels [n, L]: -100 on padding, and on the prompt unless the loss is on all tokens."""
-    labels = np.where(ids == pad_id, -100, ids)
-    if loss_on == "completion":
-        pos = np.arange(ids.shape[1])[None, :]
-        labels = np.where(pos < prompt_len[:, None], -100, labels)
-    else:
-        labels[:, 0] = -100  # <s> is never predicted
-    return labels
-
-
 # --------------------------------------------------------------------------- model
 
 
 def _make_model(spec: BuildSpec, tokenizer):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The Llama of ``spec.model``, built by the student stage's builder."""
+    from stages.train.options import StudentArch
+    from stages.train.student import build_llama
 
-    m = spec.model
-    if m.hidden_size % m.num_heads:
-        raise ValueError("hidden_size must be a multiple of num_heads")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads,
-        num_key_value_heads=m.num_heads,
-        head_dim=m.head_dim,
-        max_position_embeddings=m.max_position_embeddings,
-        tie_word_embeddings=m.tie_word_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        dtype="float32",
-    )
-    torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
-
-
-def _lr_at(step: int, spec: BuildSpec) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio * lr at the last step."""
-    if step < spec.warmup_steps:
-        return spec.lr * (step + 1) / spec.warmup_steps
-    t = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
-    floor = spec.lr * spec.min_lr_ratio
-    return floor + (spec.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return build_llama(StudentArch(**asdict(spec.model)), tokenizer, spec.seed)
 
 
 def train(spec: BuildSpec, model, tokenizer, log_every: int = 0) -> float:
-    """Train in place for exactly spec.steps steps; returns the mean loss of the last 10%."""
-    import torch
+    """Train in place for exactly spec.steps steps with the student stage's trainer.
+
+    One fresh batch of generated rows per step (no repeats), hard-label CE on the completion
+    (or every token); returns the mean loss of the last 10% of steps.
+    """
+    import tempfile
+
+    from stages.train.loader import RowsDataset, token_rows
+    from stages.train.options import LossOptions, TrainOptions
+    from stages.train.trainer import train_model
 
     rows = generate(spec.task, spec.steps * spec.batch_size, "train", spec.seed)
     ids, prompt_len = _encode(tokenizer, rows)
-    labels = _labels(ids, prompt_len, tokenizer.pad_token_id, spec.loss_on)
-    ids_t, labels_t = torch.from_numpy(ids), torch.from_numpy(labels)
-
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay}],
-        lr=spec.lr,
-        betas=(0.9, 0.98),
-        weight_decay=0.0,
+    lengths = (ids != tokenizer.pad_token_id).sum(axis=1)
+    dataset = RowsDataset(
+        token_rows(ids, lengths, prompt_len),
+        batch_size=spec.batch_size,
+        pad_id=tokenizer.pad_token_id,
+        include_prompt=spec.loss_on == "all",
     )
-    model.train()
-    losses: list[float] = []
-    for step in range(spec.steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, spec)
-        sl = slice(step * spec.batch_size, (step + 1) * spec.batch_size)
-        # Right padding only: causal attention never lets a real token see a pad, so no mask.
-        loss = model(input_ids=ids_t[sl], labels=labels_t[sl]).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-        opt.step()
-        losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            window = sum(losses[-log_every:]) / log_every
-            print(f"  step {step + 1}/{spec.steps} loss {window:.4f}", flush=True)
-    model.eval()
-    tail = losses[-max(1, spec.steps // 10) :]
-    return sum(tail) / len(tail)
+    tail = max(1, spec.steps // 10)
+    with tempfile.TemporaryDirectory(prefix="logitforge-build-") as scratch:
+        result = train_model(
+            model,
+            dataset,
+            TrainOptions(
+                output_dir=scratch,
+                steps=spec.steps,
+                lr=spec.lr,
+                min_lr_ratio=spec.min_lr_ratio,
+                warmup_steps=spec.warmup_steps,
+                weight_decay=spec.weight_decay,
+                adam_beta2=0.98,
+                grad_clip=spec.grad_clip,
+                seed=spec.seed,
+                save_steps=None,
+                logging_steps=tail,
+            ),
+            LossOptions(kind="ce"),
+            save_final=False,
+            log=print if log_every else lambda _: None,
+        )
+    return float(result.final_loss) if result.final_loss is not None else float("nan")
 
 
 # --------------------------------------------------------------------------- eval

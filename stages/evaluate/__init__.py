@@ -1,5 +1,6 @@
 """Evaluate stage: held-out task accuracy (decoded with vLLM), perplexity and KL to the teacher."""
 
+from stages.evaluate.evaluate import EvalOptions, evaluate_checkpoints, render_table
 from stages.evaluate.metrics import (
     HeldOut,
     answer_text,
@@ -10,10 +11,13 @@ from stages.evaluate.metrics import (
 )
 
 __all__ = [
+    "EvalOptions",
     "HeldOut",
     "answer_text",
     "decode_answers",
+    "evaluate_checkpoints",
     "exact_match",
     "held_out_rows",
+    "render_table",
     "score_student",
 ]

@@ -195,6 +195,7 @@ class TeacherEngine(Protocol):
     name: str
     version: str
     options: TeacherOptions
+    max_model_len: int  # longest sequence the engine serves (prompt + one predicted token)
 
     def score(self, sequences: list[list[int]]) -> ScoredTokens:
         """Score each sequence teacher-forced, every position including the last."""
@@ -216,14 +217,3 @@ class TeacherEngine(Protocol):
 
 class EngineLimitError(ValueError):
     """A request the engine cannot serve (e.g. k above the vocabulary); fatal, not retried."""
-
-
-def load_engine(options: TeacherOptions) -> TeacherEngine:
-    """Build the engine named by `options.engine` (imports are lazy: vLLM is heavy)."""
-    if options.engine == "vllm":
-        from stages.teacher.vllm_engine import VllmTeacher
-
-        return VllmTeacher(options)
-    from stages.teacher.hf_engine import HFTeacher
-
-    return HFTeacher(options)

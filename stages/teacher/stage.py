@@ -1,5 +1,8 @@
 """Teacher stage on one shard: prompt shard in, logit shard + completion record out.
 
+With generation options the teacher first writes each row's completion (generate-teacher),
+and the generated rows are scored like any other.
+
 A task is a pure function of its shard: it reads the frozen prompt shard, scores it, writes
 the logit shard atomically and only then its completion record. A retried or resumed task
 rewrites the same file; a shard without a record does not exist.
@@ -17,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
-from stages.teacher.engine import ScoredTokens, TeacherEngine
+from stages.teacher.engine import GenerationOptions, ScoredTokens, TeacherEngine
+from stages.teacher.generated import byte_table_for, generated_rows, prompt_parts, row_seeds
 from storage.codecs import get_codec
 from storage.layout import ShardSetLayout
 from storage.manifest import DoneRecord, write_done
@@ -38,6 +42,7 @@ class TeacherShardTask(BaseModel):
     codec: str
     codec_params: dict
     metadata: dict  # ShardSetMetadata fields the driver knows; engine fields are filled here
+    generation: GenerationOptions | None = None  # set: generate completions, then score them
 
 
 class CorruptPromptShardError(RuntimeError):
@@ -62,6 +67,18 @@ def score_prompts(prompts: pa.Table, engine: TeacherEngine) -> ScoredTokens:
     return scored
 
 
+def generate_completions(
+    prompts: pa.Table, engine: TeacherEngine, options: GenerationOptions
+) -> tuple[pa.Table, dict[str, int]]:
+    """Sample completions of every row's prompt part; rows to score and counts by outcome."""
+    parts = prompt_parts(prompts)
+    row_ids = prompts.column("id").to_pylist()
+    generated = engine.generate([p.ids for p in parts], options, seeds=row_seeds(row_ids))
+    bytes_of = byte_table_for(engine.options.tokenizer_path, engine.options.trust_remote_code)
+    # The scored rows need one position past their end: at most max_model_len - 1 tokens.
+    return generated_rows(row_ids, parts, generated, bytes_of, engine.max_model_len - 1)
+
+
 def run_teacher_shard(task: TeacherShardTask, engine: TeacherEngine) -> DoneRecord:
     """Produce logit shard `task.index` and its completion record; return the record."""
     layout = ShardSetLayout.from_url(task.output_url)
@@ -79,6 +96,12 @@ def run_teacher_shard(task: TeacherShardTask, engine: TeacherEngine) -> DoneReco
             )
     prompts = pq.read_table(pa.BufferReader(data))
     timings["read_s"] = time.perf_counter() - t0
+
+    counts: dict[str, int] = {}
+    if task.generation is not None:
+        t = time.perf_counter()
+        prompts, counts = generate_completions(prompts, engine, task.generation)
+        timings["generate_s"] = time.perf_counter() - t
 
     t1 = time.perf_counter()
     scored = score_prompts(prompts, engine)
@@ -116,6 +139,7 @@ def run_teacher_shard(task: TeacherShardTask, engine: TeacherEngine) -> DoneReco
         sha256=shard.sha256,
         plan_fingerprint=task.plan_fingerprint,
         timings=timings,
+        counts=counts,
         finished_at=datetime.now(timezone.utc).isoformat(),
         worker=socket.gethostname(),
     )

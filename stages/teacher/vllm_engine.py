@@ -29,7 +29,9 @@ code relies on, read in vLLM 0.32's source:
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -100,6 +102,7 @@ class VllmTeacher:
             "seed": options.seed,
             "trust_remote_code": options.trust_remote_code,
             "enforce_eager": options.enforce_eager,
+            "worker_extension_cls": "stages.teacher.weight_swap.WeightSwap",
         }
         if kv_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_gib * _GIB)
@@ -199,6 +202,18 @@ class VllmTeacher:
             n=options.n,
         )
 
+    def swap_weights(self, path: str) -> None:
+        """Serve the checkpoint in folder ``path`` instead, without restarting the engine.
+
+        The checkpoint must have the loaded model's architecture and config (only tensors are
+        re-read), every tensor present, and the same tokenizer: `check_swappable` checks.
+        """
+        check_swappable(self.options.model, path)
+        self.llm.collective_rpc("swap_weights", kwargs={"path": str(Path(path).resolve())})
+        # Cached prefixes hold keys and values computed with the old weights.
+        self.llm.reset_prefix_cache()
+        self.options = self.options.model_copy(update={"model": str(path)})
+
     def close(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)
         shutdown = getattr(engine, "shutdown", None) or getattr(
@@ -229,3 +244,40 @@ def _entries(flat, positions: int, k: int) -> tuple[np.ndarray, np.ndarray]:
             f"{positions * (k + 1)} (k + 1 per position). Is flat_logprobs supported?"
         )
     return ids.reshape(positions, k + 1), lps.reshape(positions, k + 1)
+
+
+# Config keys that describe a checkpoint's provenance, not the computation.
+_PROVENANCE_KEYS = {
+    "_name_or_path",
+    "transformers_version",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+}
+
+
+def check_swappable(loaded: str, candidate: str) -> None:
+    """Raise ValueError unless ``candidate`` can replace ``loaded``'s weights in place."""
+
+    def config(path: str) -> dict:
+        data = json.loads((Path(path) / "config.json").read_text())
+        return {k: v for k, v in data.items() if k not in _PROVENANCE_KEYS}
+
+    a, b = config(loaded), config(candidate)
+    if a != b:
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise ValueError(f"{candidate} has another architecture than {loaded}: differs in {diff}")
+    from safetensors import safe_open
+
+    def tensors(path: str) -> set[str]:
+        names: set[str] = set()
+        for file in sorted(Path(path).glob("*.safetensors")):
+            with safe_open(str(file), "np") as f:
+                names.update(f.keys())
+        return names
+
+    missing = tensors(loaded) - tensors(candidate)
+    if missing:
+        raise ValueError(
+            f"{candidate} lacks tensors {sorted(missing)[:5]}: vLLM would keep stale ones"
+        )

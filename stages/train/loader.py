@@ -20,6 +20,7 @@ multi-worker ``DataLoader`` each worker takes every n-th shard of the epoch's sh
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,31 +167,41 @@ def token_rows(ids: np.ndarray, lengths: np.ndarray, prompt_len: np.ndarray) -> 
 
 
 def collate(
-    rows: LogitBatch, *, pad_id: int, include_prompt: bool = False
+    rows: LogitBatch,
+    *,
+    pad_id: int,
+    include_prompt: bool = False,
+    select: np.ndarray | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One training batch from ``rows`` (see the module docstring for the keys).
+    """One training batch from the rows ``select`` of ``rows`` (default: all of them).
 
     Position j of a row of n tokens is trained when it has a next token (j < n - 1) and,
-    unless ``include_prompt``, that token is a completion token (j >= prompt_len - 1).
+    unless ``include_prompt``, that token is a completion token (j >= prompt_len - 1). The
+    selected rows are gathered straight into the padded tensors: one gather, one scatter.
     """
-    offsets = rows.row_offsets
-    lengths = np.diff(offsets)
-    num_rows, width = len(lengths), int(lengths.max())
+    select = np.arange(rows.num_rows) if select is None else np.asarray(select, dtype=np.int64)
+    starts = rows.row_offsets[select]
+    lengths = rows.row_offsets[select + 1] - starts
+    num_rows, width = len(select), int(lengths.max())
+    offsets = np.zeros(num_rows + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
     row = np.repeat(np.arange(num_rows), lengths)
     col = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+    src = np.repeat(starts, lengths) + col  # each position's index in the flat source arrays
     input_ids = np.full((num_rows, width), pad_id, dtype=np.int64)
-    input_ids[row, col] = rows.input_ids
+    input_ids[row, col] = rows.input_ids[src]
     attention_mask = np.zeros((num_rows, width), dtype=np.int64)
     attention_mask[row, col] = 1
 
-    first = np.zeros(num_rows, dtype=np.int64) if include_prompt else rows.prompt_len - 1
-    trained = (col < lengths[row] - 1) & (col >= first[row])
+    has_next = col < lengths[row] - 1
+    prompt_len = rows.prompt_len[select].astype(np.int64)
+    first = np.zeros(num_rows, dtype=np.int64) if include_prompt else prompt_len - 1
+    trained = has_next & (col >= first[row])
     loss_mask = np.zeros((num_rows, width), dtype=bool)
     loss_mask[row[trained], col[trained]] = True
-    # Position j's target is token j + 1 of the same row; untrained positions keep -100.
+    # Position j's target is token j + 1 of the same row; positions without one keep -100.
     targets = np.full((num_rows, width), -100, dtype=np.int64)
-    has_next = col < lengths[row] - 1
-    targets[row[has_next], col[has_next]] = rows.input_ids[1:][has_next[:-1]]
+    targets[row[has_next], col[has_next]] = rows.input_ids[src[has_next] + 1]
     batch = {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention_mask),
@@ -200,8 +211,8 @@ def collate(
     if rows.k > 0:
         topk_ids = np.zeros((num_rows, width, rows.k), dtype=np.int64)
         topk_lps = np.full((num_rows, width, rows.k), -np.inf, dtype=np.float32)
-        topk_ids[row, col] = rows.topk_ids
-        topk_lps[row, col] = rows.topk_logprobs
+        topk_ids[row, col] = rows.topk_ids[src]
+        topk_lps[row, col] = rows.topk_logprobs[src]
         batch["topk_ids"] = torch.from_numpy(topk_ids)
         batch["topk_logprobs"] = torch.from_numpy(topk_lps)
     return batch
@@ -209,6 +220,9 @@ def collate(
 
 class DistillDataset(IterableDataset):
     """Shuffled batches from logit sources: one epoch per iteration, or endless epochs.
+
+    Decoded shards stay in an LRU cache of ``cache_mb`` (per worker process), so a dataset
+    that fits is read and checksummed once, not once per epoch; larger ones stream.
 
     With ``repeat`` the stream never ends and epoch e + 1 follows epoch e (each shuffled with
     its own seed), so a trainer that counts steps, not epochs, resumes exactly by skipping the
@@ -227,6 +241,7 @@ class DistillDataset(IterableDataset):
         seed: int = 0,
         drop_last: bool = False,
         repeat: bool = False,
+        cache_mb: int = 1024,
     ) -> None:
         super().__init__()
         if batch_size < 1 or shuffle_shards < 1:
@@ -240,6 +255,9 @@ class DistillDataset(IterableDataset):
         self.seed = seed
         self.drop_last = drop_last
         self.repeat = repeat
+        self.cache_bytes = cache_mb << 20
+        self._cache: OrderedDict[tuple[int, int], LogitBatch] = OrderedDict()
+        self._cached = 0
         self.epoch = 0
         self.k = max(s.metadata.k for s in sources)
         self.shards = [(s, i) for s, source in enumerate(sources) for i in range(source.num_shards)]
@@ -257,34 +275,52 @@ class DistillDataset(IterableDataset):
             order = order[info.id :: info.num_workers]
         return order
 
-    def _batch(self, pool: LogitBatch) -> dict[str, torch.Tensor]:
-        return collate(pool, pad_id=self.pad_id, include_prompt=self.include_prompt)
+    def _read(self, source: int, shard: int) -> LogitBatch:
+        """A decoded shard, from the in-memory cache when it fits the budget."""
+        key = (source, shard)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        batch = _pad_k(self.sources[source].read(shard), self.k)
+        size = _nbytes(batch)
+        if size <= self.cache_bytes:
+            self._cache[key] = batch
+            self._cached += size
+            while self._cached > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached -= _nbytes(old)
+        return batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker = 0 if info is None else info.id + 1
         epoch = self.epoch
-        pool: LogitBatch | None = None
+        leftover: LogitBatch | None = None
         while True:
             rng = np.random.default_rng([self.seed, epoch, worker])
             order = self._shard_order(epoch)
             for start in range(0, len(order), self.shuffle_shards):
-                group = [
-                    _pad_k(self.sources[s].read(i), self.k)
-                    for s, i in order[start : start + self.shuffle_shards]
-                ]
-                pool = LogitBatch.concat(([pool] if pool is not None else []) + group)
-                if self.shuffle:
-                    pool = pool.take(rng.permutation(pool.num_rows))
+                group = [self._read(s, i) for s, i in order[start : start + self.shuffle_shards]]
+                pool = LogitBatch.concat(([leftover] if leftover is not None else []) + group)
+                perm = rng.permutation(pool.num_rows) if self.shuffle else np.arange(pool.num_rows)
                 full = pool.num_rows - pool.num_rows % self.batch_size
                 for b in range(0, full, self.batch_size):
-                    yield self._batch(pool.take(np.arange(b, b + self.batch_size)))
-                pool = pool.take(np.arange(full, pool.num_rows)) if full < pool.num_rows else None
+                    yield self._collate(pool, perm[b : b + self.batch_size])
+                leftover = pool.take(perm[full:]) if full < pool.num_rows else None
             if not self.repeat:
                 break
             epoch += 1  # the leftover rows open the next epoch's first batch
-        if pool is not None and not self.drop_last:
-            yield self._batch(pool)
+        if leftover is not None and not self.drop_last:
+            yield self._collate(leftover, None)
+
+    def _collate(self, pool: LogitBatch, select: np.ndarray | None) -> dict[str, torch.Tensor]:
+        return collate(pool, pad_id=self.pad_id, include_prompt=self.include_prompt, select=select)
+
+
+def _nbytes(batch: LogitBatch) -> int:
+    return sum(
+        a.nbytes for a in (batch.input_ids, batch.topk_ids, batch.topk_logprobs, batch.next_logprob)
+    )
 
 
 def _pad_k(batch: LogitBatch, k: int) -> LogitBatch:
@@ -337,7 +373,8 @@ class RowsDataset(IterableDataset):
         )
         for b in range(0, n, self.batch_size):
             yield collate(
-                self.rows.take(order[b : b + self.batch_size]),
+                self.rows,
                 pad_id=self.pad_id,
                 include_prompt=self.include_prompt,
+                select=order[b : b + self.batch_size],
             )

@@ -22,8 +22,9 @@ class LossOptions(BaseModel):
     alpha: float = Field(1.0, ge=0, le=1, description="Weight of the soft term; 1 - alpha on CE.")
     beta: float = Field(0.5, ge=0, le=1, description="Generalized JSD interpolation (jsd only).")
     tail: Literal["renorm", "rest"] = Field(
-        "renorm",
-        description="Top-k tail: renormalise over top-k, or one 'rest' bucket of 1 - sum(p).",
+        "rest",
+        description="Top-k tail: one 'rest' bucket of 1 - sum(p) against the student's mass "
+        "outside the top-k, or renormalise both over the top-k (leaves the student's tail free).",
     )
 
 
@@ -101,7 +102,9 @@ class TrainOptions(BaseModel):
     grad_clip: float = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)
     seed: int = 0
-    save_steps: int = Field(200, ge=1, description="Checkpoint every N steps (resume point).")
+    save_steps: int | None = Field(
+        200, ge=1, description="Checkpoint every N steps (resume points); None: no checkpoints."
+    )
     save_total_limit: int = Field(2, ge=1)
     logging_steps: int = Field(50, ge=1)
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None: all cores.")

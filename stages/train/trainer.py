@@ -74,6 +74,8 @@ class DistillTrainer(Trainer):
             beta=opts.beta,
             tail=opts.tail,
         )
+        if opts.kind == "ce":
+            parts = {}  # the loss is the CE: nothing more to report
         for key, value in parts.items():
             self._parts[key] = self._parts.get(key, 0.0) + value
         self._parts_n += 1
@@ -139,8 +141,8 @@ def training_arguments(opts: TrainOptions, num_workers: int = 0) -> TrainingArgu
         gradient_accumulation_steps=opts.grad_accum,
         seed=opts.seed,
         data_seed=opts.seed,
-        save_strategy="steps",
-        save_steps=opts.save_steps,
+        save_strategy="steps" if opts.save_steps else "no",
+        save_steps=opts.save_steps or 500,
         save_total_limit=opts.save_total_limit,
         logging_steps=opts.logging_steps,
         report_to="none",

@@ -1,0 +1,412 @@
+"""`make demo`: what each distillation method recovers, on the embedded add5 task.
+
+Every step is a real stage on real data, and every step resumes: rerunning skips finished
+caches and students.
+
+1. Build the embedded teacher (cached).
+2. Cache the teacher on the task's *training* prompts, and on held-out prompts for evaluation
+   (`cache-teacher`, vLLM on a local Dask cluster, prompt + answer + EOS).
+3. Have the teacher answer the training prompts itself (`generate-teacher`, greedy).
+4. Train one student per method and seed (`distill`): same architecture, steps, batch and
+   prompts; only the training signal differs.
+5. Evaluate the teacher and every student on the held-out set (`evaluate`: accuracy decoded
+   with vLLM, perplexity, KL to the teacher).
+6. Write `results.json` (one row per method; rows of other demos are kept), `results.md` and
+   `accuracy.png`.
+
+    python -m pipeline.demo.run [--out artifacts/demo] [--seeds 0 1 2] [--only soft-kd ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.demo.build import BASELINE_SPEC, DEFAULT_TEACHER_DIR, build_teacher, summary_line
+from pipeline.demo.task import DEFAULT_TASK, generate
+
+Log = Callable[[str], None]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table: which cache the student reads and which loss it minimises."""
+
+    name: str
+    source: str  # "train" (teacher-scored ground truth) or "generated" (teacher's own answers)
+    loss: dict[str, Any]
+    about: str
+
+
+METHODS = (
+    Method("baseline", "train", {"kind": "ce"}, "ground-truth completions, CE (SFT)"),
+    Method("hard-kd", "generated", {"kind": "ce"}, "teacher-generated completions, CE"),
+    Method(
+        "soft-kd",
+        "train",
+        {"kind": "forward_kl", "temperature": 1.0, "alpha": 1.0},
+        "cached top-64, forward KL, T=1, rest bucket",
+    ),
+    Method(
+        "soft-kd-rkl",
+        "train",
+        {"kind": "reverse_kl"},
+        "cached top-64, reverse KL, T=1, rest bucket",
+    ),
+    Method(
+        "soft-kd-jsd",
+        "train",
+        {"kind": "jsd", "beta": 0.5},
+        "cached top-64, JSD(beta=0.5), T=1, rest bucket",
+    ),
+)
+
+
+@dataclass
+class DemoSpec:
+    """The experiment; changing it changes every number, so it is printed with the results."""
+
+    out: Path = Path("artifacts/demo")
+    n_train: int = 8192
+    n_heldout: int = 1024
+    data_seed: int = 11
+    k: int = 64
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 60
+    student: dict[str, int] = field(
+        default_factory=lambda: {
+            "hidden_size": BASELINE_SPEC.model.hidden_size,
+            "num_layers": BASELINE_SPEC.model.num_layers,
+            "num_heads": BASELINE_SPEC.model.num_heads,
+            "intermediate_size": BASELINE_SPEC.model.intermediate_size,
+        }
+    )
+    methods: tuple[str, ...] = tuple(m.name for m in METHODS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_train": self.n_train,
+            "n_heldout": self.n_heldout,
+            "data_seed": self.data_seed,
+            "k": self.k,
+            "seeds": list(self.seeds),
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "warmup_steps": self.warmup_steps,
+            "student": self.student,
+        }
+
+
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _cache_config(spec: DemoSpec, rows: Path, out: Path, generation: bool) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "input": {"path": str(rows)},
+        "prompts": {"append_eos": True},
+        "teacher": {
+            "model": str(REPO_ROOT / DEFAULT_TEACHER_DIR),
+            "k": spec.k,
+            "dtype": "float32",
+            "kv_cache_gib": 0.5,
+        },
+        "output": {"path": str(out), "rows_per_shard": 1024, "codec": "fp16"},
+    }
+    if generation:
+        cfg["generation"] = {"max_tokens": 16, "temperature": 0.0}
+    return cfg
+
+
+def make_caches(spec: DemoSpec, teacher_build: str, log: Log) -> dict[str, Path]:
+    """The three shard sets every student and the evaluation read (resumable)."""
+    from pipeline.config import CacheTeacherConfig
+    from pipeline.execute import dask_client, run_cache_teacher
+
+    data = spec.out / "data"
+    train = _write_rows(
+        data / "train.jsonl", generate(DEFAULT_TASK, spec.n_train, "train", spec.data_seed)
+    )
+    heldout = _write_rows(
+        data / "heldout.jsonl", generate(DEFAULT_TASK, spec.n_heldout, "heldout", spec.data_seed)
+    )
+    # A cache's plan knows the teacher by path and tokenizer, not by weights: key the folders
+    # by the teacher's build so a rebuilt teacher never reuses an old teacher's logits.
+    root = spec.out / "cache" / teacher_build
+    caches = {
+        "train": (train, root / "train", False),
+        "heldout": (heldout, root / "heldout", False),
+        "generated": (train, root / "train-generated", True),
+    }
+    configs = {
+        name: CacheTeacherConfig.model_validate(_cache_config(spec, rows, out, gen))
+        for name, (rows, out, gen) in caches.items()
+    }
+    first = next(iter(configs.values()))
+    with dask_client(first, log) as client:
+        for name, cfg in configs.items():
+            log(f"[demo] {cfg.kind} on {name} prompts -> {cfg.output.path}")
+            summary = run_cache_teacher(cfg, client=client, log=lambda _: None)
+            log(
+                f"[demo]   {summary.rows:,} rows, {summary.tokens:,} tokens "
+                f"({summary.shards_run} shards run now, {summary.shards_reused} reused)"
+            )
+    return {name: out for name, (_, out, _) in caches.items()}
+
+
+def train_students(spec: DemoSpec, caches: dict[str, Path], log: Log) -> dict[str, list[dict]]:
+    """One `distill` run per method and seed; finished runs are reused."""
+    from pipeline.config import DistillConfig
+    from pipeline.distill import run_distill
+
+    runs: dict[str, list[dict]] = {}
+    chosen = [m for m in METHODS if m.name in spec.methods]
+    total = len(chosen) * len(spec.seeds)
+    done = 0
+    for method in chosen:
+        for seed in spec.seeds:
+            done += 1
+            out = spec.out / "students" / method.name / f"seed{seed}"
+            cfg = DistillConfig.model_validate(
+                {
+                    "student": {"build": spec.student},
+                    "data": {
+                        "sources": [str(caches[method.source])],
+                        "batch_size": spec.batch_size,
+                    },
+                    "loss": method.loss,
+                    "overwrite": True,  # the demo owns its folders: a changed method retrains
+                    "train": {
+                        "output_dir": str(out),
+                        "steps": spec.steps,
+                        "lr": spec.lr,
+                        "warmup_steps": spec.warmup_steps,
+                        "seed": seed,
+                        "save_steps": spec.steps,
+                        "logging_steps": spec.steps,
+                        "threads": 2,
+                    },
+                }
+            )
+            t0 = time.perf_counter()
+            summary = run_distill(cfg, log=lambda _: None)
+            log(
+                f"[demo] student {done}/{total}: {method.name} seed {seed} "
+                f"({summary['train_seconds']:.0f} s training"
+                + (", reused" if time.perf_counter() - t0 < 1 else "")
+                + ")"
+            )
+            runs.setdefault(method.name, []).append(summary)
+    return runs
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(
+    spec: DemoSpec,
+    teacher: dict[str, Any],
+    evals: dict[str, list[dict]],
+    runs: dict[str, list[dict]],
+) -> list[dict[str, Any]]:
+    """One row per method (plus the teacher), with the gap recovered over the baseline."""
+    rows: list[dict[str, Any]] = [
+        {
+            "method": "teacher",
+            "about": "the embedded teacher (1.5M params): reference",
+            "accuracy_mean": teacher["accuracy"],
+            "accuracy_std": 0.0,
+            "seeds": [],
+            "accuracies": [teacher["accuracy"]],
+            "gap_recovered": 1.0,
+            "perplexity": teacher["perplexity"],
+            "kl_to_teacher": teacher["kl_to_teacher"],
+            "wall_s": None,
+        }
+    ]
+    base = (
+        statistics.fmean(r["accuracy"] for r in evals.get("baseline", []))
+        if "baseline" in evals
+        else None
+    )
+    gap = teacher["accuracy"] - base if base is not None else None
+    for method in METHODS:
+        if method.name not in evals:
+            continue
+        accs = [r["accuracy"] for r in evals[method.name]]
+        mean, std = _mean_std(accs)
+        rows.append(
+            {
+                "method": method.name,
+                "about": method.about,
+                "accuracy_mean": mean,
+                "accuracy_std": std,
+                "seeds": list(spec.seeds),
+                "accuracies": accs,
+                "gap_recovered": (mean - base) / gap if gap else None,
+                "perplexity": statistics.fmean(r["perplexity"] for r in evals[method.name]),
+                "kl_to_teacher": statistics.fmean(r["kl_to_teacher"] for r in evals[method.name]),
+                "wall_s": statistics.fmean(r["train_seconds"] for r in runs[method.name]),
+            }
+        )
+    return rows
+
+
+def merge_results(path: Path, rows: list[dict], meta: dict[str, Any]) -> dict[str, Any]:
+    """results.json keeps other demos' rows; this demo's methods replace their old rows."""
+    try:
+        old = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        old = {}
+    mine = {r["method"] for r in rows}
+    kept = [r for r in old.get("rows", []) if r["method"] not in mine]
+    doc = {"rows": rows + kept, "demos": {**old.get("demos", {}), "distill": meta}}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def render_markdown(rows: list[dict], meta: dict[str, Any]) -> str:
+    lines = [
+        "| method | student trained on | held-out exact match (mean ± std) | gap recovered "
+        "| perplexity | KL to teacher | train wall (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        gap = "" if r["gap_recovered"] is None else f"{100 * r['gap_recovered']:.0f}%"
+        wall = "" if r["wall_s"] is None else f"{r['wall_s']:.0f}"
+        acc = f"{r['accuracy_mean']:.3f}" + (f" ± {r['accuracy_std']:.3f}" if r["seeds"] else "")
+        lines.append(
+            f"| `{r['method']}` | {r['about']} | {acc} | {gap} | {r['perplexity']:.3f} "
+            f"| {r['kl_to_teacher']:.4f} | {wall} |"
+        )
+    spec = meta["spec"]
+    lines += [
+        "",
+        f"Students: {spec['student']} Llama, {spec['steps']} steps of {spec['batch_size']} rows "
+        f"from {spec['n_train']:,} training prompts, seeds {spec['seeds']}; held-out: "
+        f"{spec['n_heldout']:,} prompts; teacher cache top-{spec['k']}, fp16. "
+        f"Demo wall time {meta['wall_s']:.0f} s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy per method: every seed as a dot, the mean as a bar, teacher/baseline lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    students = [r for r in rows if r["method"] != "teacher"]
+    teacher = next(r for r in rows if r["method"] == "teacher")
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    names = [r["method"] for r in students]
+    means = [r["accuracy_mean"] for r in students]
+    stds = [r["accuracy_std"] for r in students]
+    colors = ["#9e9e9e" if n == "baseline" else "#4c72b0" for n in names]
+    ax.bar(names, means, yerr=stds, capsize=6, color=colors, alpha=0.8, label="mean ± std")
+    for i, r in enumerate(students):
+        ax.scatter([i] * len(r["accuracies"]), r["accuracies"], color="black", s=14, zorder=3)
+    ax.axhline(teacher["accuracy_mean"], color="#c44e52", ls="--", label="teacher")
+    base = next((r for r in students if r["method"] == "baseline"), None)
+    if base is not None:
+        ax.axhline(base["accuracy_mean"], color="#555555", ls=":", label="baseline (SFT)")
+    ax.set_ylabel("held-out exact match")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("add5: what each distillation signal recovers (dots: seeds)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_demo(spec: DemoSpec, log: Log = print) -> dict[str, Any]:
+    from stages.evaluate import EvalOptions, evaluate_checkpoints
+
+    started = time.perf_counter()
+    spec.out.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    record = build_teacher(DEFAULT_TEACHER_DIR, log_every=100)
+    log(f"[demo] teacher: {summary_line(record, DEFAULT_TEACHER_DIR)}")
+    timings = {"teacher_s": time.perf_counter() - t}
+
+    t = time.perf_counter()
+    caches = make_caches(spec, record["build_fingerprint"], log)
+    timings["caches_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    runs = train_students(spec, caches, log)
+    timings["students_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    teacher_path = str(REPO_ROOT / DEFAULT_TEACHER_DIR)
+    students = [(name, r["output_dir"]) for name, rs in runs.items() for r in rs]
+    log(f"[demo] evaluating the teacher and {len(students)} students")
+    results = evaluate_checkpoints(
+        [teacher_path] + [p for _, p in students],
+        EvalOptions(data=str(caches["heldout"]), threads=2),
+        log=lambda _: None,
+    )
+    timings["evaluate_s"] = time.perf_counter() - t
+    evals: dict[str, list[dict]] = {}
+    for (name, _), result in zip(students, results[1:], strict=True):
+        evals.setdefault(name, []).append(result)
+    rows = summarise(spec, results[0], evals, runs)
+    meta = {
+        "spec": spec.to_dict(),
+        "wall_s": time.perf_counter() - started,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+    doc = merge_results(spec.out / "results.json", rows, meta)
+    table = render_markdown(rows, meta)
+    (spec.out / "results.md").write_text(table)
+    plot(doc["rows"], spec.out / "accuracy.png")
+    log("")
+    log(table)
+    log(
+        f"[demo] done in {meta['wall_s']:.0f} s "
+        + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items())
+        + f"; wrote {spec.out}/results.json, results.md, accuracy.png"
+    )
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="logitforge demo", description=__doc__)
+    parser.add_argument("--out", type=Path, default=DemoSpec.out)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DemoSpec.seeds))
+    parser.add_argument("--steps", type=int, default=DemoSpec.steps)
+    parser.add_argument("--n-train", type=int, default=DemoSpec.n_train)
+    parser.add_argument("--n-heldout", type=int, default=DemoSpec.n_heldout)
+    parser.add_argument(
+        "--only", nargs="+", choices=[m.name for m in METHODS], help="run only these methods"
+    )
+    args = parser.parse_args(argv)
+    spec = DemoSpec(
+        out=args.out,
+        seeds=tuple(args.seeds),
+        steps=args.steps,
+        n_train=args.n_train,
+        n_heldout=args.n_heldout,
+        methods=tuple(args.only) if args.only else DemoSpec.methods,
+    )
+    run_demo(spec, log=lambda msg: print(msg, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
