@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     path = RESULTS_DIR / f"capture-{stamp}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS_DIR / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(render_table(results))
+    if results:
+        print(render_table(results))
     if loader is not None:
         from bench.loader import render
 
