@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.config import DistillConfig, describe_difference, fingerprint
 from stages.prompts import tokenizer_fingerprint
-from stages.train.loader import DistillDataset, open_sources
+from stages.train.loader import DistillDataset, check_tokenizer, open_sources
 from stages.train.student import load_student
 from stages.train.trainer import read_summary, train_model, write_summary
 from storage.manifest import PlanMismatchError
@@ -61,12 +61,8 @@ def run_distill(cfg: DistillConfig, log: Log = print) -> dict[str, Any]:
     model, tokenizer = load_student(
         cfg.student, default_tokenizer=sources[0].metadata.teacher_model, seed=cfg.train.seed
     )
-    # Checked again with the student's tokenizer: a foreign cache fails here, before training.
-    open_sources(
-        cfg.data.sources,
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        strict=cfg.data.strict,
-    )
+    # A cache made with another tokenizer fails here, before anything is written.
+    check_tokenizer(sources, tokenizer_fingerprint(tokenizer))
     done = _claim_output(cfg, out, fp, log)
     if done is not None:
         log(f"{out} already holds this finished run; nothing to do")

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from stages.evaluate.metrics import decode_answers, exact_match, held_out_rows, score_student
 from stages.prompts import tokenizer_fingerprint
 from stages.teacher.engine import GenerationOptions, TeacherOptions
-from stages.train.loader import LogitSource, open_sources
+from stages.train.loader import LogitSource, check_tokenizer, open_sources
 from stages.train.student import load_tokenizer
 
 Log = Callable[[str], None]
@@ -54,7 +54,7 @@ def evaluate_checkpoints(
     try:
         for path in models:
             tokenizer = load_tokenizer(path)
-            open_sources([opts.data], tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+            check_tokenizer([source], tokenizer_fingerprint(tokenizer))
             t0 = time.perf_counter()
             if engine is not None:
                 try:

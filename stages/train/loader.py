@@ -2,8 +2,9 @@
 
 A *source* is a logitforge shard set (checksums verified on every read) or plain Parquet
 logit files, e.g. a dataset pulled from the Hub without its `.logitforge/` bookkeeping. The
-dataset reads one shard at a time into a small shuffle buffer of whole shards, so memory is
-bounded by ``shuffle_shards`` shards whatever the dataset size, and yields ready-made batches:
+dataset reads whole shards into a small shuffle buffer (``shuffle_shards``) and keeps decoded
+shards in an LRU cache of ``cache_mb``, so memory stays bounded whatever the dataset size, and
+yields ready-made batches:
 
     input_ids       int64 [B, L]   right-padded with ``pad_id``
     attention_mask  int64 [B, L]
@@ -132,18 +133,24 @@ def open_sources(
     sources: list[LogitSource] = []
     for url in urls:
         try:
-            source = LogitSource.open(url, strict=strict)
+            sources.append(LogitSource.open(url, strict=strict))
         except (FileNotFoundError, ValueError) as e:
             raise SourceError(f"cannot use training source {url}: {e}") from e
-        fp = source.metadata.tokenizer_fingerprint
-        if tokenizer_fingerprint is not None and fp != tokenizer_fingerprint:
-            raise SourceError(
-                f"{url} was made with another tokenizer (fingerprint {fp}) than the student's "
-                f"({tokenizer_fingerprint}); a student with a different tokenizer needs the "
-                "cross-tokenizer path"
-            )
-        sources.append(source)
+    if tokenizer_fingerprint is not None:
+        check_tokenizer(sources, tokenizer_fingerprint)
     return sources
+
+
+def check_tokenizer(sources: list[LogitSource], tokenizer_fingerprint: str) -> None:
+    """Refuse a source made with another tokenizer than the student's (ids would not match)."""
+    for source in sources:
+        fp = source.metadata.tokenizer_fingerprint
+        if fp != tokenizer_fingerprint:
+            raise SourceError(
+                f"{source.url} was made with another tokenizer (fingerprint {fp}) than the "
+                f"student's ({tokenizer_fingerprint}); a student with a different tokenizer "
+                "needs the cross-tokenizer path"
+            )
 
 
 def token_rows(ids: np.ndarray, lengths: np.ndarray, prompt_len: np.ndarray) -> LogitBatch:

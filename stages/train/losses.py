@@ -15,6 +15,10 @@ compares the teacher and the student on that stored support, in one of two ways 
     temperature 1; at other temperatures the teacher's bucket is an approximation (see
     :func:`teacher_target`).
 
+``"rest"`` is the default: a student trained from scratch under ``"renorm"`` keeps its initial
+mass on every token outside the teacher's top-k (nothing pushes it down), which the demo
+measured as a held-out perplexity of 2.3 against 1.4 for plain cross-entropy.
+
 Conventions shared by every function:
 
 * Inputs are already flattened to the N selected positions: ``student_logits`` [N, V],
@@ -333,7 +337,7 @@ def forward_kl(
     topk_logprobs: Tensor,
     *,
     temperature: float = 1.0,
-    tail: str = "renorm",
+    tail: str = "rest",
     weights: Tensor | None = None,
 ) -> Tensor:
     """``T² * KL(p_T || q_T)`` on the teacher's support (plus the rest bucket for "rest").
@@ -352,7 +356,7 @@ def reverse_kl(
     topk_logprobs: Tensor,
     *,
     temperature: float = 1.0,
-    tail: str = "renorm",
+    tail: str = "rest",
     weights: Tensor | None = None,
 ) -> Tensor:
     """``T² * KL(q_T || p_T)`` on the same support as :func:`forward_kl`.
@@ -374,7 +378,7 @@ def generalized_jsd(
     *,
     beta: float = 0.5,
     temperature: float = 1.0,
-    tail: str = "renorm",
+    tail: str = "rest",
     weights: Tensor | None = None,
 ) -> Tensor:
     """GKD's generalised Jensen-Shannon divergence (Agarwal et al. 2024, Eq. 1), times T².
@@ -407,7 +411,7 @@ def distill_loss(
     temperature: float = 1.0,
     alpha: float = 1.0,
     beta: float = 0.5,
-    tail: str = "renorm",
+    tail: str = "rest",
     weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The training loss: ``alpha * soft + (1 - alpha) * hard_ce``, and its components.
