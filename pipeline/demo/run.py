@@ -239,9 +239,7 @@ def summarise(
         }
     ]
     base = (
-        statistics.fmean(r["accuracy"] for r in evals.get("baseline", []))
-        if "baseline" in evals
-        else None
+        statistics.fmean(r["accuracy"] for r in evals["baseline"]) if "baseline" in evals else None
     )
     gap = teacher["accuracy"] - base if base is not None else None
     for method in METHODS:
@@ -359,7 +357,7 @@ def run_demo(spec: DemoSpec, log: Log = print) -> dict[str, Any]:
     results = evaluate_checkpoints(
         [teacher_path] + [p for _, p in students],
         EvalOptions(data=str(caches["heldout"]), threads=2),
-        log=lambda _: None,
+        log=lambda msg: log(f"[demo] {msg.strip()}"),
     )
     timings["evaluate_s"] = time.perf_counter() - t
     evals: dict[str, list[dict]] = {}
@@ -372,7 +370,7 @@ def run_demo(spec: DemoSpec, log: Log = print) -> dict[str, Any]:
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     doc = merge_results(spec.out / "results.json", rows, meta)
-    table = render_markdown(rows, meta)
+    table = render_markdown(doc["rows"], meta)
     (spec.out / "results.md").write_text(table)
     plot(doc["rows"], spec.out / "accuracy.png")
     log("")
