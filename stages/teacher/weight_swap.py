@@ -16,6 +16,12 @@ a path string cross the process boundary, no pickled code.
 
 from __future__ import annotations
 
+import logging
+
+# vLLM warns "<Layer>: Failed to load weights" for every module the checkpoint has no tensor
+# for: the rotary embedding (it has none) and the tied head (repacked below). Expected here.
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
 
 class WeightSwap:
     """Mixed into vLLM's worker class: call through `LLM.collective_rpc("swap_weights", ...)`."""
@@ -24,6 +30,7 @@ class WeightSwap:
         """Load every tensor of the checkpoint folder ``path`` in place; returns repacked heads."""
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
+        logging.getLogger(_RELOAD_LOGGER).setLevel(logging.ERROR)
         self.reload_weights(weights_path=path)  # type: ignore[attr-defined]
         repacked = []
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
