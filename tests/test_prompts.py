@@ -153,6 +153,31 @@ def test_prompt_len_counts_straddling_token_as_prompt(tok):
     assert row["byte_start"][j] < len(prompt.encode()) < row["byte_end"][j]
 
 
+def test_append_eos_ends_completions_only(tok):
+    rows = [
+        {"id": "pc", "prompt": "hello", "completion": " world"},
+        {"id": "t", "text": "the fox"},
+        {"id": "gen", "prompt": "hello"},
+    ]
+    plain = {r["id"]: r for r in prep(rows, tok).table.to_pylist()}
+    got = {r["id"]: r for r in prep(rows, tok, append_eos=True).table.to_pylist()}
+    eos = tok.eos_token_id
+    for key in ("pc", "t"):  # a completion or text learns where it ends
+        assert got[key]["input_ids"] == [*plain[key]["input_ids"], eos]
+        assert got[key]["text"] == plain[key]["text"]  # the EOS is no part of the text
+        end = len(plain[key]["text"].encode())
+        assert got[key]["byte_start"][-1] == got[key]["byte_end"][-1] == end  # empty span
+        assert got[key]["prompt_len"] == plain[key]["prompt_len"]
+    assert got["gen"] == plain["gen"]  # a generation prompt is continued, not ended
+
+
+def test_completion_field_none_turns_rows_into_generation_prompts(tok):
+    rows = [{"id": "a", "prompt": "hello", "completion": " world"}]
+    opts = InputOptions(path="unused.jsonl", completion_field=None)
+    row = prep(rows, tok, input_opts=opts).table.to_pylist()[0]
+    assert row["text"] == "hello" and row["prompt_len"] == len(row["input_ids"])
+
+
 def test_prompt_without_completion_is_all_prompt(tok):
     row = prep([{"prompt": "hello world"}], tok).table.to_pylist()[0]
     assert row["prompt_len"] == len(row["input_ids"]) == 1 + len(ids_of(tok, "hello world"))
