@@ -30,6 +30,15 @@ class ShardCorruptedError(RuntimeError):
     """A shard's bytes or footer disagree with its completion record or the plan."""
 
 
+def ragged_gather(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the ranges ``starts[i] : starts[i] + lengths[i]``, concatenated, and the
+    offsets [R+1] of each range in the result: the one vectorised gather behind every row
+    selection (no Python loop over rows or tokens)."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1]), offsets
+
+
 @dataclass
 class LogitBatch:
     """R rows with T positions in total, flattened in row order."""
@@ -57,14 +66,11 @@ class LogitBatch:
     def take(self, rows: np.ndarray) -> LogitBatch:
         """The rows ``rows`` (any order, repeats allowed) as a new contiguous batch.
 
-        One ragged gather: position indices are built with cumsum/repeat, never per token.
+        One ragged gather (:func:`ragged_gather`), never a loop per token.
         """
         rows = np.asarray(rows, dtype=np.int64)
         starts = self.row_offsets[rows]
-        lengths = self.row_offsets[rows + 1] - starts
-        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        positions = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        positions, offsets = ragged_gather(starts, self.row_offsets[rows + 1] - starts)
         return LogitBatch(
             ids=[self.ids[i] for i in rows.tolist()],
             row_offsets=offsets,

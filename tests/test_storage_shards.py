@@ -487,3 +487,28 @@ def test_datasets_loads_shard_set(tmp_path: Path, monkeypatch, name: str) -> Non
         codec.decode(row["topk_logprobs"]),
         codec.decode(codec.encode(outputs[0].topk_logprobs[3:7])),
     )
+
+
+def test_logit_batch_take_and_concat_select_whole_rows() -> None:
+    from storage.reader import LogitBatch, ragged_gather
+
+    positions, offsets = ragged_gather(np.array([5, 0, 2]), np.array([2, 0, 3]))
+    assert positions.tolist() == [5, 6, 2, 3, 4] and offsets.tolist() == [0, 2, 2, 5]
+    n = 9
+    batch = LogitBatch(
+        ids=["a", "b", "c"],
+        row_offsets=np.array([0, 2, 5, 9]),
+        input_ids=np.arange(n, dtype=np.int32),
+        prompt_len=np.array([1, 2, 3], dtype=np.int32),
+        topk_ids=np.arange(2 * n, dtype=np.int32).reshape(n, 2),
+        topk_logprobs=-np.arange(2 * n, dtype=np.float32).reshape(n, 2),
+        next_logprob=np.arange(n, dtype=np.float32),
+    )
+    picked = batch.take(np.array([2, 0, 2]))
+    assert picked.ids == ["c", "a", "c"] and picked.row_offsets.tolist() == [0, 4, 6, 10]
+    for i, src in enumerate([2, 0, 2]):
+        for key, value in picked.row(i).items():
+            np.testing.assert_array_equal(value, batch.row(src)[key], err_msg=key)
+    both = LogitBatch.concat([batch.take(np.array([1])), batch.take(np.array([0, 2]))])
+    assert both.ids == ["b", "a", "c"] and both.row_offsets.tolist() == [0, 3, 5, 9]
+    np.testing.assert_array_equal(both.topk_ids, batch.take(np.array([1, 0, 2])).topk_ids)

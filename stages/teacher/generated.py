@@ -26,6 +26,7 @@ from stages.prompts.token_bytes import (
     widen_to_characters,
 )
 from stages.teacher.engine import Generated
+from storage.reader import ragged_gather
 from storage.schema import PROMPT_SCHEMA
 
 
@@ -40,11 +41,7 @@ class ByteTable:
     def gather(self, ids: np.ndarray) -> np.ndarray:
         """Bytes of the token sequence ``ids`` concatenated, uint8 [sum of lengths]."""
         ids = np.asarray(ids, dtype=np.int64)
-        lengths = self.lengths[ids]
-        out_offsets = np.concatenate([[0], np.cumsum(lengths)])
-        positions = np.repeat(self.offsets[ids] - out_offsets[:-1], lengths) + np.arange(
-            out_offsets[-1]
-        )
+        positions, _ = ragged_gather(self.offsets[ids], self.lengths[ids])
         return self.data[positions]
 
 

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from storage.reader import LogitBatch, ShardSet, decode_logit_table
+from storage.reader import LogitBatch, ShardSet, decode_logit_table, ragged_gather
 from storage.schema import ShardSetMetadata, read_metadata
 
 
@@ -190,11 +190,9 @@ def collate(
     starts = rows.row_offsets[select]
     lengths = rows.row_offsets[select + 1] - starts
     num_rows, width = len(select), int(lengths.max())
-    offsets = np.zeros(num_rows + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    src, offsets = ragged_gather(starts, lengths)  # each position's index in the flat arrays
     row = np.repeat(np.arange(num_rows), lengths)
-    col = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
-    src = np.repeat(starts, lengths) + col  # each position's index in the flat source arrays
+    col = np.arange(offsets[-1]) - offsets[row]
     input_ids = np.full((num_rows, width), pad_id, dtype=np.int64)
     input_ids[row, col] = rows.input_ids[src]
     attention_mask = np.zeros((num_rows, width), dtype=np.int64)
