@@ -15,10 +15,16 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from stages.evaluate.metrics import decode_answers, exact_match, held_out_rows, score_student
+from stages.evaluate.metrics import (
+    decode_answers,
+    exact_match,
+    held_out_batches,
+    held_out_rows,
+    score_student,
+)
 from stages.prompts import tokenizer_fingerprint
 from stages.teacher.engine import GenerationOptions, TeacherOptions
-from stages.train.loader import LogitSource, check_tokenizer, open_sources
+from stages.train.loader import DistillDataset, check_tokenizer, open_sources
 from stages.train.student import load_tokenizer
 
 Log = Callable[[str], None]
@@ -49,6 +55,9 @@ def evaluate_checkpoints(
     max_new = opts.max_new_tokens or held.max_completion_tokens + 2
     generation = GenerationOptions(max_tokens=max_new)
     log(f"evaluate: {len(held.prompts):,} held-out prompts from {opts.data}")
+    # Built once, so every checkpoint's forward pass reads the shards from its cache. The pad
+    # id only fills positions that are masked out, so any checkpoint's tokenizer serves.
+    batches: DistillDataset | None = None
     results: list[dict[str, Any]] = []
     engine = None
     try:
@@ -72,7 +81,11 @@ def evaluate_checkpoints(
             answers = decode_answers(tokenizer, generated.token_ids, generated.offsets)
             correct = exact_match(answers, held.references)
             decode_s = time.perf_counter() - t1
-            metrics = _forward_metrics(path, source, tokenizer, opts)
+            if batches is None:
+                batches = held_out_batches(
+                    source, pad_id=tokenizer.pad_token_id, batch_size=opts.batch_size
+                )
+            metrics = _forward_metrics(path, batches, opts)
             result = {
                 "model": path,
                 "accuracy": float(correct.mean()),
@@ -92,9 +105,7 @@ def evaluate_checkpoints(
     return results
 
 
-def _forward_metrics(
-    path: str, source: LogitSource, tokenizer: Any, opts: EvalOptions
-) -> dict[str, float]:
+def _forward_metrics(path: str, batches: DistillDataset, opts: EvalOptions) -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
     threads = torch.get_num_threads()
@@ -102,9 +113,7 @@ def _forward_metrics(
         torch.set_num_threads(opts.threads)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        return score_student(
-            model, source, pad_id=tokenizer.pad_token_id, batch_size=opts.batch_size
-        )
+        return score_student(model, batches)
     finally:
         torch.set_num_threads(threads)
 

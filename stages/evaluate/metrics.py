@@ -82,24 +82,31 @@ def decode_answers(tokenizer: Any, token_ids: np.ndarray, offsets: np.ndarray) -
     return tokenizer.batch_decode([c.tolist() for c in cut], skip_special_tokens=True)
 
 
-@torch.inference_mode()
-def score_student(
-    model: Any,
-    source: LogitSource,
-    *,
-    pad_id: int,
-    batch_size: int = 256,
-    include_prompt: bool = False,
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, float]:
-    """Perplexity, KL(teacher || student) and top-1 agreement on the cached positions."""
-    dataset = DistillDataset(
+def held_out_batches(
+    source: LogitSource, *, pad_id: int, batch_size: int = 256, include_prompt: bool = False
+) -> DistillDataset:
+    """One unshuffled pass over ``source`` in training batches (the trained positions)."""
+    return DistillDataset(
         [source],
         batch_size=batch_size,
         pad_id=pad_id,
         include_prompt=include_prompt,
         shuffle=False,
     )
+
+
+@torch.inference_mode()
+def score_student(
+    model: Any,
+    dataset: DistillDataset,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Perplexity, KL(teacher || student) and top-1 agreement on the cached positions.
+
+    ``dataset`` is one unshuffled pass over the held-out cache (see :func:`held_out_batches`);
+    reusing it across checkpoints lets its shard cache read and verify the shards once.
+    """
     model.eval()
     nll = kl = agree = 0.0
     tokens = 0
@@ -117,7 +124,7 @@ def score_student(
         if progress is not None:
             progress(tokens)
     if tokens == 0:
-        raise ValueError(f"{source.url}: no trained positions to evaluate")
+        raise ValueError(f"{dataset.sources[0].url}: no trained positions to evaluate")
     return {
         "perplexity": math.exp(nll / tokens),
         "nll": nll / tokens,
