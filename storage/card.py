@@ -47,13 +47,22 @@ def _columns_table(metadata: ShardSetMetadata) -> str:
         ("byte_start", "list<int32>", "[n]", "UTF-8 byte offset where each token starts"),
         ("byte_end", "list<int32>", "[n]", "UTF-8 byte offset where each token ends"),
         ("truncated", "bool", "", "the text was cut to fit the context"),
-        ("topk_ids", f"list<fixed_size_list<int32, {k}>>", f"[n, {k}]",
-         "top-k token ids after position j, descending logprob"),
-        ("topk_logprobs", f"list<fixed_size_list<{value_type}, {k}>>", f"[n, {k}]",
-         f"their log-probabilities, encoded with codec `{metadata.codec}`"),
-        ("next_logprob", "list<float32>", "[n]",
-         "log p(t_{j+1} | t_<=j) of the actual next token; NaN at j = n-1"),
     ]  # fmt: skip
+    if metadata.kind in ("rollout", "onpolicy"):
+        rows += [
+            ("policy_logprob", "list<float32>", "[n]",
+             "the sampling policy's log p(t_{j+1} | t_<=j) for completion tokens, else NaN"),
+            ("policy_version", "string", "", "the checkpoint that sampled the completion"),
+        ]  # fmt: skip
+    if k > 0:
+        rows += [
+            ("topk_ids", f"list<fixed_size_list<int32, {k}>>", f"[n, {k}]",
+             "top-k token ids after position j, descending logprob"),
+            ("topk_logprobs", f"list<fixed_size_list<{value_type}, {k}>>", f"[n, {k}]",
+             f"their log-probabilities, encoded with codec `{metadata.codec}`"),
+            ("next_logprob", "list<float32>", "[n]",
+             "log p(t_{j+1} | t_<=j) of the actual next token; NaN at j = n-1"),
+        ]  # fmt: skip
     lines = ["| column | type | shape | meaning |", "| --- | --- | --- | --- |"]
     lines += [f"| `{c}` | `{t}` | {s} | {m} |" for c, t, s, m in rows]
     return "\n".join(lines)
@@ -83,19 +92,31 @@ def render_dataset_card(
     summary: dict[str, Any],
     title: str | None = None,
 ) -> str:
-    title = title or f"{metadata.teacher_model} top-{metadata.k} logits"
+    rollout = metadata.kind == "rollout"
+    title = title or f"{metadata.teacher_model} " + (
+        "rollouts" if rollout else f"top-{metadata.k} logits"
+    )
     front = yaml.safe_dump(
         _front_matter(layout, metadata, title), sort_keys=False, allow_unicode=True
     )
     codec = metadata.codec + (f" {metadata.codec_params}" if metadata.codec_params else "")
+    about = (
+        "Student rollouts for on-policy distillation: each row is a prompt and a completion "
+        "sampled\nby the policy named below, with the policy's logprob of every sampled token. "
+        "Score it with\nthe teacher (`logitforge cache-teacher` with this folder as input) "
+        "before training."
+        if rollout
+        else "Every row is one sequence of n teacher tokens; position j holds the teacher's "
+        f"top-{metadata.k}\ndistribution over the token that follows tokens 0..j."
+    )
+    model_role = "policy" if rollout else "teacher"
     body = f"""# {title}
 
 Sparse teacher log-probabilities for knowledge distillation, written by
 logitforge (shard format version {metadata.format_version}).
-Every row is one sequence of n teacher tokens; position j holds the teacher's top-{metadata.k}
-distribution over the token that follows tokens 0..j.
+{about}
 
-- teacher: `{metadata.teacher_model}` (revision `{metadata.teacher_revision}`)
+- {model_role}: `{metadata.teacher_model}` (revision `{metadata.teacher_revision}`)
 - engine: `{metadata.engine} {metadata.engine_version}`, logprobs mode `{metadata.logprobs_mode}`
 - tokenizer fingerprint: `{metadata.tokenizer_fingerprint}`
 - codec: `{codec}`; plan fingerprint `{metadata.plan_fingerprint}`

@@ -50,6 +50,9 @@ class LogitBatch:
     topk_ids: np.ndarray  # int32 [T, k]
     topk_logprobs: np.ndarray  # float32 [T, k], decoded
     next_logprob: np.ndarray  # float32 [T]; NaN at each row's last position
+    # float32 [T]: the sampling policy's logprob of token j+1 at position j (scored rollouts;
+    # NaN where there is none); None for sets without rollout columns.
+    policy_logprob: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
@@ -79,7 +82,14 @@ class LogitBatch:
             topk_ids=self.topk_ids[positions],
             topk_logprobs=self.topk_logprobs[positions],
             next_logprob=self.next_logprob[positions],
+            policy_logprob=None if self.policy_logprob is None else self.policy_logprob[positions],
         )
+
+    def policy_logprobs(self) -> np.ndarray:
+        """``policy_logprob``, or all NaN for rows without rollout columns."""
+        if self.policy_logprob is None:
+            return np.full(self.num_tokens, np.nan, dtype=np.float32)
+        return self.policy_logprob
 
     @classmethod
     def concat(cls, batches: list[LogitBatch]) -> LogitBatch:
@@ -103,6 +113,9 @@ class LogitBatch:
             topk_ids=np.concatenate([b.topk_ids for b in batches]),
             topk_logprobs=np.concatenate([b.topk_logprobs for b in batches]),
             next_logprob=np.concatenate([b.next_logprob for b in batches]),
+            policy_logprob=np.concatenate([b.policy_logprobs() for b in batches])
+            if any(b.policy_logprob is not None for b in batches)
+            else None,
         )
 
     def row(self, i: int) -> dict[str, Any]:
@@ -115,6 +128,7 @@ class LogitBatch:
             "topk_ids": self.topk_ids[a:b],
             "topk_logprobs": self.topk_logprobs[a:b],
             "next_logprob": self.next_logprob[a:b],
+            "policy_logprob": self.policy_logprobs()[a:b],
         }
 
 
@@ -161,6 +175,12 @@ def decode_logit_table(table: pa.Table, metadata: ShardSetMetadata) -> LogitBatc
         raise ValueError("column next_logprob has different row lengths than input_ids")
     topk_ids = _nested_values(table, "topk_ids", metadata.k, offsets)
     topk_values = _nested_values(table, "topk_logprobs", metadata.k, offsets)
+    policy_lp = None
+    if "policy_logprob" in table.column_names:
+        column = _array(table.column("policy_logprob"))
+        if not np.array_equal(_offsets(column, "policy_logprob"), offsets):
+            raise ValueError("column policy_logprob has different row lengths than input_ids")
+        policy_lp = _numpy(column.flatten(), np.float32)
     return LogitBatch(
         ids=table.column("id").to_pylist(),
         row_offsets=offsets,
@@ -169,6 +189,7 @@ def decode_logit_table(table: pa.Table, metadata: ShardSetMetadata) -> LogitBatc
         topk_ids=topk_ids.astype(np.int32, copy=False),
         topk_logprobs=codec.decode(topk_values),
         next_logprob=_numpy(next_lp.flatten(), np.float32),
+        policy_logprob=policy_lp,
     )
 
 

@@ -33,16 +33,27 @@ PROMPT_SCHEMA = pa.schema(
     ]
 )
 
+# What a rollout adds to a row: who sampled the completion and how likely it found each token.
+ROLLOUT_FIELDS = [
+    # [n] the sampling policy's raw (T = 1) logprob of token j+1 at position j for completion
+    # tokens; NaN at prompt positions and at the last position (same convention as next_logprob).
+    ("policy_logprob", pa.list_(pa.float32())),
+    ("policy_version", pa.string()),  # the checkpoint that sampled the completion
+]
+ROLLOUT_SCHEMA = pa.schema([*PROMPT_SCHEMA, *ROLLOUT_FIELDS])
+ROLLOUT_COLUMNS = tuple(name for name, _ in ROLLOUT_FIELDS)
+
 LOGIT_COLUMNS = ("topk_ids", "topk_logprobs", "next_logprob")
 
 
-def logit_schema(codec: Codec, k: int) -> pa.Schema:
-    """Prompt columns followed by the teacher's per-position outputs."""
+def logit_schema(codec: Codec, k: int, rollout: bool = False) -> pa.Schema:
+    """Prompt columns, the rollout columns of scored rollouts, the teacher's outputs."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     return pa.schema(
         [
             *PROMPT_SCHEMA,
+            *(ROLLOUT_FIELDS if rollout else []),
             ("topk_ids", pa.list_(pa.list_(pa.int32(), k))),  # [n][k], descending logprob
             ("topk_logprobs", pa.list_(pa.list_(codec.value_type, k))),  # [n][k] encoded
             ("next_logprob", pa.list_(pa.float32())),  # [n], last element NaN
@@ -58,11 +69,13 @@ class ShardSetMetadata(BaseModel):
     """
 
     format_version: int = FORMAT_VERSION
+    # teacher_logits | teacher_generated | rollout (no teacher columns, k = 0) | onpolicy
+    # (a rollout scored by the teacher). For a rollout, teacher_model is the sampling policy.
     kind: str = "teacher_logits"
     teacher_model: str
     teacher_revision: str | None = None
     tokenizer_fingerprint: str
-    k: int = Field(ge=1)
+    k: int = Field(ge=0)
     codec: str
     codec_params: dict[str, Any] = Field(default_factory=dict)
     logprobs_mode: str
@@ -107,15 +120,22 @@ def read_metadata(
     return ShardSetMetadata.from_json_bytes(kv[METADATA_KEY])
 
 
+def is_rollout_table(table: pa.Table | pa.Schema) -> bool:
+    """Whether rows carry the rollout columns (they travel on through teacher scoring)."""
+    names = table.names if isinstance(table, pa.Schema) else table.column_names
+    return all(name in names for name in ROLLOUT_COLUMNS)
+
+
 def _prompt_arrays(prompts: pa.Table) -> list[pa.Array]:
-    """Prompt columns in PROMPT_SCHEMA order and types, one contiguous array each."""
+    """Prompt (+ rollout) columns in schema order and types, one contiguous array each."""
+    schema = ROLLOUT_SCHEMA if is_rollout_table(prompts) else PROMPT_SCHEMA
     missing = [f.name for f in PROMPT_SCHEMA if f.name not in prompts.column_names]
     if missing:
         raise ValueError(f"prompt table lacks columns {missing}; expected {PROMPT_SCHEMA.names}")
     try:
-        prompts = prompts.select(PROMPT_SCHEMA.names).cast(PROMPT_SCHEMA)
+        prompts = prompts.select(schema.names).cast(schema)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise ValueError(f"prompt table does not cast to PROMPT_SCHEMA: {e}") from e
+        raise ValueError(f"prompt table does not cast to {schema.names}: {e}") from e
     return [col.combine_chunks() for col in prompts.columns]
 
 
@@ -138,14 +158,19 @@ def build_logit_table(
 
     ``topk_ids`` int [T, k], ``topk_logprobs`` float [T, k] and ``next_logprob`` float [T]
     hold all R rows' positions concatenated in row order, T = sum(len(input_ids)).
-    Extra columns of ``prompts`` are dropped: the result has exactly ``logit_schema(codec, k)``.
+    Rollout columns (``policy_logprob``, ``policy_version``) are kept when present; other extra
+    columns are dropped: the result has exactly ``logit_schema(codec, k, rollout)``.
     """
+    rollout = is_rollout_table(prompts)
     columns = _prompt_arrays(prompts)
     input_ids, byte_start, byte_end = columns[1], columns[4], columns[5]
     offsets = _row_offsets(input_ids)
     num_tokens = int(offsets[-1])
     lengths = np.diff(offsets)
-    for name, arr in (("byte_start", byte_start), ("byte_end", byte_end)):
+    per_position = [("byte_start", byte_start), ("byte_end", byte_end)]
+    if rollout:
+        per_position.append(("policy_logprob", columns[len(PROMPT_SCHEMA)]))
+    for name, arr in per_position:
         if arr.null_count or not np.array_equal(arr.value_lengths().to_numpy(), lengths):
             bad = _first_mismatch(arr, lengths)
             raise ValueError(f"{name} length differs from input_ids length in row {bad}")
@@ -182,7 +207,7 @@ def build_logit_table(
         row_offsets, pa.array(next_logprob.astype(np.float32, copy=False), type=pa.float32())
     )
     return pa.Table.from_arrays(
-        [*columns, ids_arr, lp_arr, next_arr], schema=logit_schema(codec, k)
+        [*columns, ids_arr, lp_arr, next_arr], schema=logit_schema(codec, k, rollout)
     )
 
 
