@@ -45,6 +45,13 @@ class TeacherOptions(BaseModel):
     kv_cache_gib: float | None = Field(
         None, gt=0, description="vLLM KV cache; None: 1 GiB on CPU, vLLM's own sizing on GPU."
     )
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="vLLM's share of GPU memory (default 0.9); lower it when a teacher and "
+        "a policy engine share a GPU.",
+    )
     max_num_batched_tokens: int | None = Field(
         None, ge=16, description="vLLM scheduler token budget per step."
     )
@@ -125,6 +132,9 @@ class Generated:
     offsets: np.ndarray  # [S + 1] int64, offsets[0] == 0, offsets[-1] == G
     finish_reason: list[str]  # [S] "stop" (EOS or a stop token) | "length" (max_tokens/context)
     n: int
+    # [G] float32: the generating model's raw (T = 1) logprob of each generated token, when
+    # asked for (rollouts: the behaviour policy's logprobs); None otherwise.
+    logprobs: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         s = len(self.finish_reason)
@@ -137,6 +147,10 @@ class Generated:
             )
         if s and (self.offsets[0] != 0 or self.offsets[-1] != self.token_ids.size):
             raise ValueError("offsets must run from 0 to len(token_ids)")
+        if self.logprobs is not None and self.logprobs.shape != self.token_ids.shape:
+            raise ValueError(
+                f"logprobs {self.logprobs.shape} do not match token_ids {self.token_ids.shape}"
+            )
 
     @property
     def num_samples(self) -> int:
@@ -206,8 +220,12 @@ class TeacherEngine(Protocol):
         sequences: list[list[int]],
         options: GenerationOptions,
         seeds: list[int] | None = None,
+        logprobs: bool = False,
     ) -> Generated:
-        """Continue each token sequence with `options.n` completions (see `prompt_seeds`)."""
+        """Continue each token sequence with `options.n` completions (see `prompt_seeds`).
+
+        With ``logprobs`` the result also holds each generated token's raw logprob.
+        """
         ...
 
     def close(self) -> None:

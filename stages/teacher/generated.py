@@ -27,7 +27,7 @@ from stages.prompts.token_bytes import (
 )
 from stages.teacher.engine import Generated
 from storage.reader import ragged_gather
-from storage.schema import PROMPT_SCHEMA
+from storage.schema import PROMPT_SCHEMA, ROLLOUT_SCHEMA
 
 
 class ByteTable:
@@ -94,17 +94,32 @@ def generated_rows(
     gen: Generated,
     bytes_of: ByteTable,
     max_len: int,
+    policy_version: str | None = None,
 ) -> tuple[pa.Table, dict[str, int]]:
     """Prompt + completion rows (PROMPT_SCHEMA) for every sample, and counts by outcome.
 
+    With ``policy_version`` (a rollout; ``gen`` must hold logprobs) the rows are
+    ROLLOUT_SCHEMA: ``policy_logprob`` holds each completion token's logprob at the position
+    that predicts it (NaN elsewhere), ``policy_version`` the given version.
+
     Sample j of row ``id`` gets the id ``id`` when n == 1, else ``id#j``. A completion that
     would make the row longer than ``max_len`` tokens is cut (``truncated``). One whose bytes
-    are not valid UTF-8 (a multi-byte character cut by max_tokens) is dropped and counted:
-    the text column must be exactly the tokens' bytes.
+    are not valid UTF-8 (a multi-byte character cut by max_tokens, or byte tokens that form
+    no character) is counted (``invalid_utf8``) and:
+
+    - dropped from teacher generations: the text column must be exactly the tokens' bytes;
+    - kept in rollouts, with U+FFFD replacing the bad bytes in ``text`` and completion byte
+      spans of -1 (no text to align): the teacher must score what the policy did. Dropping
+      them hides the policy's worst samples from the loss; measured on the demo, a policy
+      then drifted into byte sequences that are not text within two rounds.
     """
     counts = {"samples": gen.num_samples, "stop": 0, "length": 0, "truncated": 0}
     counts["invalid_utf8"] = 0
-    cols: dict[str, list[Any]] = {name: [] for name in PROMPT_SCHEMA.names}
+    rollout = policy_version is not None
+    if rollout and gen.logprobs is None:
+        raise ValueError("a rollout needs the generated tokens' logprobs")
+    schema = ROLLOUT_SCHEMA if rollout else PROMPT_SCHEMA
+    cols: dict[str, list[Any]] = {name: [] for name in schema.names}
     for s in range(gen.num_samples):  # one iteration per sample, vectorised within
         i, j = divmod(s, gen.n)
         part = parts[i]
@@ -119,11 +134,15 @@ def generated_rows(
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             counts["invalid_utf8"] += 1
-            continue
-        # Completion spans are exact token bytes after the prompt's, widened to whole
-        # characters like the prompt stage reports byte-level pieces of a multi-byte character.
-        start, end = byte_spans_of_ids(bytes_of.lengths, completion, len(part.text))
-        start, end = widen_to_characters(raw, start, end)
+            if not rollout:
+                continue
+            text = raw.decode("utf-8", "replace")
+            start = end = np.full(len(completion), -1, np.int64)
+        else:
+            # Completion spans are exact token bytes after the prompt's, widened to whole
+            # characters like the prompt stage reports byte-level pieces of a character.
+            start, end = byte_spans_of_ids(bytes_of.lengths, completion, len(part.text))
+            start, end = widen_to_characters(raw, start, end)
         for key, value in (
             ("id", row_ids[i] if gen.n == 1 else f"{row_ids[i]}#{j}"),
             ("input_ids", np.concatenate([np.asarray(part.ids, np.int64), completion])),
@@ -134,4 +153,10 @@ def generated_rows(
             ("truncated", truncated),
         ):
             cols[key].append(value)
-    return pa.Table.from_pydict(cols, schema=PROMPT_SCHEMA), counts
+        if rollout:
+            # Position j predicts token j + 1: completion token c sits at position p - 1 + c.
+            logprobs = gen.logprobs[gen.offsets[s] : gen.offsets[s] + len(completion)]
+            nan_prompt = np.full(len(part.ids) - 1, np.nan, np.float32)
+            cols["policy_logprob"].append(np.concatenate([nan_prompt, logprobs, [np.nan]]))
+            cols["policy_version"].append(policy_version)
+    return pa.Table.from_pydict(cols, schema=schema), counts

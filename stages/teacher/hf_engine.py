@@ -36,23 +36,26 @@ class HFTeacher:
 
     def __init__(self, options: TeacherOptions, device: str | None = None) -> None:
         import transformers
-        from transformers import AutoModelForCausalLM
 
         self.options = options
         self.version = transformers.__version__
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = _DTYPES.get(options.dtype, "auto")
-        self.model = AutoModelForCausalLM.from_pretrained(
-            options.model,
-            revision=options.revision,
-            dtype=dtype,
-            trust_remote_code=options.trust_remote_code,
-        ).to(self.device)
-        self.model.eval()
+        self.model = self._load(options)
         vocab = self.model.config.vocab_size
         if options.k > vocab:
             raise EngineLimitError(f"k={options.k} exceeds the teacher vocabulary ({vocab})")
         self.max_model_len = options.max_model_len or self.model.config.max_position_embeddings
+
+    def _load(self, options: TeacherOptions) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            options.model,
+            revision=options.revision,
+            dtype=_DTYPES.get(options.dtype, "auto"),
+            trust_remote_code=options.trust_remote_code,
+        ).to(self.device)
+        return model.eval()
 
     @torch.inference_mode()
     def score(self, sequences: list[list[int]]) -> ScoredTokens:
@@ -96,10 +99,15 @@ class HFTeacher:
         sequences: list[list[int]],
         options: GenerationOptions,
         seeds: list[int] | None = None,
+        logprobs: bool = False,
     ) -> Generated:
-        """Greedy or sampled completions, one prompt at a time; see the module docstring."""
+        """Greedy or sampled completions, one prompt at a time; see the module docstring.
+
+        With ``logprobs``: each generated token's raw (log_softmax of the logits) logprob.
+        """
         eos = self._eos_ids() if options.stop_at_eos else torch.empty(0, dtype=torch.long)
         samples: list[np.ndarray] = []
+        sample_lps: list[np.ndarray] = []
         finish: list[str] = []
         for seq, seed in zip(sequences, prompt_seeds(options, len(sequences), seeds), strict=True):
             if not seq:
@@ -109,12 +117,16 @@ class HFTeacher:
                     f"a row has {len(seq)} tokens; generation needs room below max_model_len "
                     f"= {self.max_model_len}"
                 )
-            rows, reasons = self._generate_one(seq, options, seed, eos)
+            rows, lps, reasons = self._generate_one(seq, options, seed, eos)
             samples.extend(rows)
+            sample_lps.extend(lps)
             finish.extend(reasons)
         counts = np.fromiter((len(r) for r in samples), np.int64, count=len(samples))
         token_ids = np.concatenate(samples) if samples else np.empty(0, np.int32)
-        return Generated(token_ids, generation_offsets(counts), finish, options.n)
+        token_lps = None
+        if logprobs:
+            token_lps = np.concatenate(sample_lps) if samples else np.empty(0, np.float32)
+        return Generated(token_ids, generation_offsets(counts), finish, options.n, token_lps)
 
     def _eos_ids(self) -> torch.Tensor:
         ids: set[int] = set()
@@ -126,13 +138,14 @@ class HFTeacher:
 
     def _generate_one(
         self, seq: list[int], options: GenerationOptions, seed: int, eos: torch.Tensor
-    ) -> tuple[list[np.ndarray], list[str]]:
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
         n = options.n
         steps = min(options.max_tokens, self.max_model_len - len(seq))
         generator = torch.Generator(device=self.device).manual_seed(seed)
         eos = eos.to(self.device)
         ids = torch.tensor([seq] * n, dtype=torch.long, device=self.device)  # [n, L]
         out = torch.empty((n, steps), dtype=torch.long, device=self.device)
+        out_lp = torch.empty((n, steps), dtype=torch.float32, device=self.device)
         done = torch.zeros(n, dtype=torch.bool, device=self.device)
         stopped = torch.zeros(n, dtype=torch.bool, device=self.device)
         lengths = torch.full((n,), steps, dtype=torch.long, device=self.device)
@@ -140,8 +153,10 @@ class HFTeacher:
         for t in range(steps):
             result = self.model(input_ids=ids, past_key_values=past, use_cache=True)
             past = result.past_key_values
-            nxt = self._pick(result.logits[:, -1].float(), options, generator)  # [n]
+            logits = result.logits[:, -1].float()
+            nxt = self._pick(logits, options, generator)  # [n]
             out[:, t] = nxt
+            out_lp[:, t] = torch.log_softmax(logits, -1).gather(1, nxt[:, None])[:, 0]
             hit = ~done & torch.isin(nxt, eos)
             lengths = torch.where(hit, t + 1, lengths)
             stopped |= hit
@@ -150,8 +165,10 @@ class HFTeacher:
                 break
             ids = nxt[:, None]
         out_np, lengths_np = out.cpu().numpy().astype(np.int32), lengths.cpu().numpy()
+        lp_np = out_lp.cpu().numpy()
         rows = [out_np[j, : lengths_np[j]] for j in range(n)]
-        return rows, ["stop" if s else "length" for s in stopped.tolist()]
+        lps = [lp_np[j, : lengths_np[j]] for j in range(n)]
+        return rows, lps, ["stop" if s else "length" for s in stopped.tolist()]
 
     @staticmethod
     def _pick(
@@ -168,6 +185,11 @@ class HFTeacher:
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    def swap_weights(self, path: str) -> None:
+        """Serve the checkpoint in ``path`` instead (a plain reload: cheap for this engine)."""
+        self.options = self.options.model_copy(update={"model": str(path), "revision": None})
+        self.model = self._load(self.options)
 
     def close(self) -> None:
         del self.model

@@ -1,52 +1,33 @@
 """Teacher stage on one shard: prompt shard in, logit shard + completion record out.
 
 With generation options the teacher first writes each row's completion (generate-teacher),
-and the generated rows are scored like any other.
-
-A task is a pure function of its shard: it reads the frozen prompt shard, scores it, writes
-the logit shard atomically and only then its completion record. A retried or resumed task
-rewrites the same file; a shard without a record does not exist.
+and the generated rows are scored like any other. Rows of a rollout set keep their rollout
+columns (the sampling policy's logprobs), so a scored rollout is one table the on-policy loss
+reads. Reading the frozen prompt shard and writing shard + record are shared with every
+stage (`stages.shard_task`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import socket
 import time
-from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict
 
+from stages.shard_task import ShardTask, read_prompt_shard, write_shard
 from stages.teacher.engine import GenerationOptions, ScoredTokens, TeacherEngine
 from stages.teacher.generated import byte_table_for, generated_rows, prompt_parts, row_seeds
 from storage.codecs import get_codec
-from storage.layout import ShardSetLayout
-from storage.manifest import DoneRecord, write_done
+from storage.manifest import DoneRecord
 from storage.schema import ShardSetMetadata, build_logit_table
-from storage.writer import write_parquet_atomic
 
 
-class TeacherShardTask(BaseModel):
-    """Everything a worker needs to produce one logit shard (plain data, cheap to ship)."""
+class TeacherShardTask(ShardTask):
+    """Everything a worker needs to produce one logit shard."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    output_url: str
-    index: int
-    num_shards: int
-    plan_fingerprint: str
-    prompts_sha256: str | None
     codec: str
     codec_params: dict
-    metadata: dict  # ShardSetMetadata fields the driver knows; engine fields are filled here
     generation: GenerationOptions | None = None  # set: generate completions, then score them
-
-
-class CorruptPromptShardError(RuntimeError):
-    """The frozen prompt shard does not match the plan; rerun planning, do not retry."""
 
 
 def read_sequences(prompts: pa.Table) -> list[list[int]]:
@@ -68,34 +49,37 @@ def score_prompts(prompts: pa.Table, engine: TeacherEngine) -> ScoredTokens:
 
 
 def generate_completions(
-    prompts: pa.Table, engine: TeacherEngine, options: GenerationOptions
+    prompts: pa.Table,
+    engine: TeacherEngine,
+    options: GenerationOptions,
+    *,
+    policy_version: str | None = None,
 ) -> tuple[pa.Table, dict[str, int]]:
-    """Sample completions of every row's prompt part; rows to score and counts by outcome."""
+    """Sample completions of every row's prompt part; rows and counts by outcome.
+
+    With ``policy_version`` (rollouts) the rows also carry each sampled token's logprob and
+    the version (`storage.schema.ROLLOUT_SCHEMA`).
+    """
     parts = prompt_parts(prompts)
     row_ids = prompts.column("id").to_pylist()
-    generated = engine.generate([p.ids for p in parts], options, seeds=row_seeds(row_ids))
+    generated = engine.generate(
+        [p.ids for p in parts],
+        options,
+        seeds=row_seeds(row_ids),
+        logprobs=policy_version is not None,
+    )
     bytes_of = byte_table_for(engine.options.tokenizer_path, engine.options.trust_remote_code)
-    # The scored rows need one position past their end: at most max_model_len - 1 tokens.
-    return generated_rows(row_ids, parts, generated, bytes_of, engine.max_model_len - 1)
+    # The rows are scored later, which needs one position past their end.
+    return generated_rows(
+        row_ids, parts, generated, bytes_of, engine.max_model_len - 1, policy_version
+    )
 
 
 def run_teacher_shard(task: TeacherShardTask, engine: TeacherEngine) -> DoneRecord:
     """Produce logit shard `task.index` and its completion record; return the record."""
-    layout = ShardSetLayout.from_url(task.output_url)
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    prompts_path = layout.prompts_path(task.index)
-    with layout.fs.open(prompts_path, "rb") as f:
-        data = f.read()  # one read serves both the checksum and the parse
-    if task.prompts_sha256 is not None:
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != task.prompts_sha256:
-            raise CorruptPromptShardError(
-                f"prompt shard {prompts_path} does not match the plan (sha256 {actual[:12]}…); "
-                "rerun the same command to rebuild it"
-            )
-    prompts = pq.read_table(pa.BufferReader(data))
-    timings["read_s"] = time.perf_counter() - t0
+    prompts = read_prompt_shard(task)
+    timings = {"read_s": time.perf_counter() - t0}
 
     counts: dict[str, int] = {}
     if task.generation is not None:
@@ -122,26 +106,12 @@ def run_teacher_shard(task: TeacherShardTask, engine: TeacherEngine) -> DoneReco
         plan_fingerprint=task.plan_fingerprint,
     )
     timings["encode_s"] = time.perf_counter() - t2
-
-    t3 = time.perf_counter()
-    shard = write_parquet_atomic(
-        layout.fs, layout.data_path(task.index, task.num_shards), table, metadata
-    )
-    timings["write_s"] = time.perf_counter() - t3
-    timings["total_s"] = time.perf_counter() - t0
-
-    record = DoneRecord(
-        shard=layout.data_path(task.index, task.num_shards).rsplit("/", 1)[-1],
-        index=task.index,
-        rows=table.num_rows,
-        tokens=int(scored.num_tokens),
-        bytes=shard.bytes,
-        sha256=shard.sha256,
-        plan_fingerprint=task.plan_fingerprint,
+    return write_shard(
+        task,
+        table,
+        metadata,
+        tokens=scored.num_tokens,
         timings=timings,
         counts=counts,
-        finished_at=datetime.now(timezone.utc).isoformat(),
-        worker=socket.gethostname(),
+        started=t0,
     )
-    write_done(layout, record)
-    return record

@@ -106,6 +106,8 @@ class VllmTeacher:
         }
         if kv_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_gib * _GIB)
+        if options.gpu_memory_utilization is not None:
+            kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
         if options.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = options.max_num_batched_tokens
         self.llm = vllm.LLM(**kwargs)
@@ -160,8 +162,13 @@ class VllmTeacher:
         sequences: list[list[int]],
         options: GenerationOptions,
         seeds: list[int] | None = None,
+        logprobs: bool = False,
     ) -> Generated:
-        """Sample `options.n` completions per prompt; see `prompt_seeds` for the seeding."""
+        """Sample `options.n` completions per prompt; see `prompt_seeds` for the seeding.
+
+        With ``logprobs`` each sampled token's raw logprob comes back too (``logprobs=0``: vLLM
+        then returns exactly one entry per position, the sampled token's).
+        """
         import vllm
 
         lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
@@ -181,6 +188,8 @@ class VllmTeacher:
             "ignore_eos": not options.stop_at_eos,
             "detokenize": False,
         }
+        if logprobs:
+            common.update(logprobs=0, flat_logprobs=True)
         params = [
             vllm.SamplingParams(**common, seed=seed)
             for seed in prompt_seeds(options, len(sequences), seeds)
@@ -195,11 +204,19 @@ class VllmTeacher:
             else np.empty(0, np.int32)
         )
         counts = np.fromiter((len(c.token_ids) for c in samples), np.int64, count=len(samples))
+        token_logprobs = None
+        if logprobs:
+            token_logprobs = (
+                np.concatenate([np.asarray(c.logprobs.logprobs, np.float32) for c in samples])
+                if samples
+                else np.empty(0, np.float32)
+            )
         return Generated(
             token_ids=token_ids,
             offsets=generation_offsets(counts),
             finish_reason=[str(c.finish_reason) for c in samples],
             n=options.n,
+            logprobs=token_logprobs,
         )
 
     def swap_weights(self, path: str) -> None:
