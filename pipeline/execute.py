@@ -1,8 +1,10 @@
-"""Run a cache-teacher job on Dask: plan, submit one task per missing shard, report.
+"""Run a shard job on Dask: plan, submit one task per missing shard, report.
 
-The driver never touches model weights: it plans (validating input before any engine
-starts), checks which shards already have valid completion records, submits the rest to the
-cluster and prints progress as shards land. Resume is simply running the same job again.
+The jobs are cache-teacher (and generate-teacher: the teacher scores, or first generates) and
+rollout (a student checkpoint samples). The driver never touches model weights: it plans
+(validating input before any engine starts), checks which shards already have valid
+completion records, submits the rest to the cluster and prints progress as shards land.
+Resume is simply running the same job again.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from dataclasses import asdict, dataclass, field
 import dask
 from distributed import Client, LocalCluster, as_completed
 
-from pipeline.config import CacheTeacherConfig
+from pipeline.config import ClusterOptions, RolloutConfig, ShardJobConfig
 from pipeline.plan import make_plan
-from pipeline.workers import ensure_engine_plugin, worker_engine
+from pipeline.workers import ensure_engine_plugin, worker_engine, worker_plugin
+from stages.rollout import RolloutShardTask, run_rollout_shard
 from stages.teacher.engine import LOGPROBS_MODE
 from stages.teacher.stage import TeacherShardTask, run_teacher_shard
 from storage.card import write_dataset_card
@@ -68,7 +71,7 @@ class RunSummary:
 
     def render(self) -> str:
         skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
-        title = "generate-teacher" if self.kind == "teacher_generated" else "cache-teacher"
+        title = _TITLES.get(self.kind, "cache-teacher")
         lines = [
             f"{title} summary",
             f"  output         {self.output}",
@@ -92,60 +95,97 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def _task(task_json: str) -> dict:
+_TITLES = {
+    "teacher_generated": "generate-teacher",
+    "rollout": "rollout",
+    "onpolicy": "cache-teacher (scored rollouts)",
+}
+
+
+def _teacher_task(task_json: str) -> dict:
     """The Dask task: one shard. JSON in and out so nothing but plain data crosses processes."""
     task = TeacherShardTask.model_validate_json(task_json)
     return run_teacher_shard(task, worker_engine()).model_dump(mode="json")
 
 
+def _rollout_task(task_json: str) -> dict:
+    """One rollout shard on the worker's policy engine, switched to the task's checkpoint."""
+    task = RolloutShardTask.model_validate_json(task_json)
+    plugin = worker_plugin("policy")
+    engine = plugin.engine(task.policy_model)
+    return run_rollout_shard(task, engine, plugin.last_switch).model_dump(mode="json")
+
+
 @contextlib.contextmanager
-def dask_client(cfg: CacheTeacherConfig, log: Log) -> Iterator[Client]:
+def dask_client(cluster_options: ClusterOptions, log: Log) -> Iterator[Client]:
     """Attach to `cluster.scheduler`, or start a LocalCluster of non-daemonic workers."""
-    if cfg.cluster.scheduler:
-        log(f"attaching to Dask scheduler {cfg.cluster.scheduler}")
-        with Client(cfg.cluster.scheduler) as client:
+    opts = cluster_options
+    if opts.scheduler:
+        log(f"attaching to Dask scheduler {opts.scheduler}")
+        with Client(opts.scheduler) as client:
             yield client
         return
     # vLLM starts its own engine process; daemonic worker processes may not have children.
     with dask.config.set({"distributed.worker.daemon": False}):
-        resources = {"GPU": cfg.cluster.gpus_per_worker} if cfg.cluster.gpus_per_worker else None
+        resources = {"GPU": opts.gpus_per_worker} if opts.gpus_per_worker else None
         cluster = LocalCluster(
-            n_workers=cfg.cluster.n_workers,
+            n_workers=opts.n_workers,
             threads_per_worker=1,
             processes=True,
-            memory_limit=cfg.cluster.memory_limit,
+            memory_limit=opts.memory_limit,
             resources=resources,
-            dashboard_address=":0" if cfg.cluster.dashboard else None,
+            dashboard_address=":0" if opts.dashboard else None,
         )
         with cluster, Client(cluster) as client:
-            log(f"started LocalCluster with {cfg.cluster.n_workers} worker process(es)")
+            log(f"started LocalCluster with {opts.n_workers} worker process(es)")
             yield client
 
 
-def _task_spec(cfg: CacheTeacherConfig, plan: Plan, index: int, tok_fp: str) -> str:
+def output_kind(cfg: ShardJobConfig, plan: Plan) -> str:
+    """What the shard set holds; the teacher's scores of a rollout set are on-policy data."""
+    if cfg.kind == "teacher_logits" and plan.extra.get("input_kind") == "rollout":
+        return "onpolicy"
+    return cfg.kind
+
+
+def _task_spec(cfg: ShardJobConfig, plan: Plan, index: int, tok_fp: str) -> str:
+    common = {
+        "output_url": cfg.output.path,
+        "index": index,
+        "num_shards": plan.num_shards,
+        "plan_fingerprint": plan.fingerprint,
+        "prompts_sha256": plan.shard(index).prompts_sha256,
+    }
+    metadata = {
+        "kind": output_kind(cfg, plan),
+        "teacher_model": cfg.teacher.model,
+        "teacher_revision": cfg.teacher.revision,
+        "tokenizer_fingerprint": tok_fp,
+    }
+    if isinstance(cfg, RolloutConfig):
+        return RolloutShardTask(
+            **common,
+            metadata={**metadata, "extra": {"policy_version": cfg.version}},
+            policy_model=cfg.policy.model,
+            policy_version=cfg.version,
+            generation=cfg.generation,
+        ).model_dump_json()
     return TeacherShardTask(
-        output_url=cfg.output.path,
-        index=index,
-        num_shards=plan.num_shards,
-        plan_fingerprint=plan.fingerprint,
-        prompts_sha256=plan.shard(index).prompts_sha256,
+        **common,
+        metadata={**metadata, "logprobs_mode": LOGPROBS_MODE},
         codec=cfg.output.codec,
         codec_params=cfg.output.codec_params,
         generation=cfg.generation,
-        metadata={
-            "kind": cfg.kind,
-            "teacher_model": cfg.teacher.model,
-            "teacher_revision": cfg.teacher.revision,
-            "tokenizer_fingerprint": tok_fp,
-            "logprobs_mode": LOGPROBS_MODE,
-        },
     ).model_dump_json()
 
 
 def run_cache_teacher(
-    cfg: CacheTeacherConfig, *, client: Client | None = None, log: Log = print
+    cfg: ShardJobConfig, *, client: Client | None = None, log: Log = print
 ) -> RunSummary:
-    """Plan, run the missing shards on Dask and write the dataset card. Idempotent."""
+    """Plan, run the missing shards on Dask and write the dataset card. Idempotent.
+
+    Runs every shard job: cache-teacher, generate-teacher and (a `RolloutConfig`) rollout.
+    """
     started = time.perf_counter()
     layout = ShardSetLayout.from_url(cfg.output.path)
     outcome = make_plan(cfg, layout, log=log)
@@ -170,7 +210,7 @@ def run_cache_teacher(
     if todo:
         with contextlib.ExitStack() as stack:
             if client is None:
-                client = stack.enter_context(dask_client(cfg, log))
+                client = stack.enter_context(dask_client(cfg.cluster, log))
             records = _run_tasks(cfg, plan, todo, outcome.tokenizer_fingerprint, client, log)
     else:
         log("every shard is already done; nothing to run")
@@ -196,7 +236,7 @@ def run_cache_teacher(
         bytes=sum(r.bytes for r in all_records),
         tokens_run=sum(r.tokens for r in run_records),
         redone=redone,
-        kind=cfg.kind,
+        kind=output_kind(cfg, plan),
         counts=_sum_counts(run_records),
     )
     metadata = ShardSet.open(layout.url).metadata
@@ -214,22 +254,24 @@ def _sum_counts(records: list[DoneRecord]) -> dict[str, int]:
 
 
 def _run_tasks(
-    cfg: CacheTeacherConfig,
+    cfg: ShardJobConfig,
     plan: Plan,
     todo: list[int],
     tok_fp: str,
     client: Client,
     log: Log,
 ) -> dict[int, DoneRecord]:
-    ensure_engine_plugin(client, cfg.teacher)
+    rollout = isinstance(cfg, RolloutConfig)
+    role = "policy" if rollout else "teacher"
+    ensure_engine_plugin(client, cfg.teacher, role)
     # Keys are unique per run: a key still held by the scheduler from an earlier run on the
     # same cluster would hand back that run's result instead of redoing the shard.
     run_id = uuid.uuid4().hex[:8]
     futures = [
         client.submit(
-            _task,
+            _rollout_task if rollout else _teacher_task,
             _task_spec(cfg, plan, index, tok_fp),
-            key=f"teacher-{plan.fingerprint[:12]}-{index:05d}-{run_id}",
+            key=f"{role}-{plan.fingerprint[:12]}-{index:05d}-{run_id}",
             retries=cfg.cluster.retries,
             resources=cfg.task_resources,
             pure=False,

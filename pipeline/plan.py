@@ -15,13 +15,15 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from pipeline.config import CacheTeacherConfig, describe_difference, fingerprint
+from pipeline.config import ShardJobConfig, describe_difference, fingerprint
 from stages.prompts import (
+    PreparedPrompts,
     input_fingerprint,
     load_rows,
     prepare_prompts,
     tokenizer_fingerprint,
 )
+from stages.prompts.shard_input import is_shard_set, read_shard_set_rows, shard_set_fingerprint
 from stages.teacher.engine import EngineLimitError
 from storage.layout import ShardSetLayout
 from storage.manifest import Plan, PlanMismatchError, ShardPlan, read_plan, utc_now, write_plan
@@ -40,7 +42,7 @@ class PlanOutcome:
     tokenizer_fingerprint: str
 
 
-def load_tokenizer(cfg: CacheTeacherConfig) -> Any:
+def load_tokenizer(cfg: ShardJobConfig) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(
@@ -50,7 +52,7 @@ def load_tokenizer(cfg: CacheTeacherConfig) -> Any:
     )
 
 
-def max_row_tokens(cfg: CacheTeacherConfig) -> int:
+def max_row_tokens(cfg: ShardJobConfig) -> int:
     """Tokens a row may have: the context minus one, as the teacher predicts one token past it.
 
     Reads the teacher's config only (no weights). It also checks k against the vocabulary, so
@@ -77,9 +79,7 @@ def max_row_tokens(cfg: CacheTeacherConfig) -> int:
     return limit
 
 
-def plan_fingerprint(
-    cfg: CacheTeacherConfig, input_fp: str, tokenizer_fp: str, max_len: int
-) -> str:
+def plan_fingerprint(cfg: ShardJobConfig, input_fp: str, tokenizer_fp: str, max_len: int) -> str:
     return fingerprint(
         {
             "format_version": FORMAT_VERSION,
@@ -110,12 +110,27 @@ def _prompt_shards_intact(layout: ShardSetLayout, plan: Plan) -> bool:
     return True
 
 
-def make_plan(cfg: CacheTeacherConfig, layout: ShardSetLayout, log=print) -> PlanOutcome:
+def _prepare(
+    cfg: ShardJobConfig, tokenizer: Any, tok_fp: str, max_len: int
+) -> tuple[PreparedPrompts, str]:
+    """The input's rows as a prompt table, and the kind of input (``rows`` or a set's kind)."""
+    if is_shard_set(cfg.input.path):  # already tokenized (e.g. rollouts to score)
+        prepared, metadata = read_shard_set_rows(cfg.input, cfg.prompts, tok_fp, max_len)
+        return prepared, metadata.kind
+    rows = load_rows(cfg.input)
+    options = cfg.prompts.model_copy(update={"max_length": max_len})
+    return prepare_prompts(rows, tokenizer, options, cfg.input), "rows"
+
+
+def make_plan(cfg: ShardJobConfig, layout: ShardSetLayout, log=print) -> PlanOutcome:
     """Return the plan of this run, creating it (and the prompt shards) when needed."""
     tokenizer = load_tokenizer(cfg)
     tok_fp = tokenizer_fingerprint(tokenizer)
     max_len = max_row_tokens(cfg)
-    input_fp = input_fingerprint(cfg.input)
+    if is_shard_set(cfg.input.path):
+        input_fp = shard_set_fingerprint(cfg.input.path)
+    else:
+        input_fp = input_fingerprint(cfg.input)
     fp = plan_fingerprint(cfg, input_fp, tok_fp, max_len)
 
     existing = read_plan(layout)
@@ -145,13 +160,7 @@ def make_plan(cfg: CacheTeacherConfig, layout: ShardSetLayout, log=print) -> Pla
     if existing is not None and _prompt_shards_intact(layout, existing):
         return PlanOutcome(existing, reused=True, tokenizer_fingerprint=tok_fp)
 
-    rows = load_rows(cfg.input)
-    prepared = prepare_prompts(
-        rows,
-        tokenizer,
-        cfg.prompts.model_copy(update={"max_length": max_len}),
-        cfg.input,
-    )
+    prepared, input_kind = _prepare(cfg, tokenizer, tok_fp, max_len)
     table = prepared.table
     if table.num_rows == 0:
         raise EmptyInputError(
@@ -191,6 +200,7 @@ def make_plan(cfg: CacheTeacherConfig, layout: ShardSetLayout, log=print) -> Pla
             "max_length": max_len,
             "num_input_rows": prepared.num_input_rows,
             "num_truncated": prepared.num_truncated,
+            "input_kind": input_kind,
             "num_tokens": int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py()),
         },
     )

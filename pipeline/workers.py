@@ -1,32 +1,63 @@
-"""One teacher engine per Dask worker process, reused by every shard task on that worker.
+"""Engines held by Dask worker processes, reused by every shard task on that worker.
 
-The engine is loaded lazily by the first task (so registering is instant and a replacement
-worker loads its own), and closed by the plugin's teardown when the worker shuts down.
+Each worker holds at most one engine per role: the teacher (scoring, generate-teacher) and
+the policy (rollouts of a student checkpoint). An engine is loaded lazily by the first task
+that needs it (so registering is instant and a replacement worker loads its own) and closed
+by the plugin's teardown when the worker shuts down.
+
+A policy engine follows the checkpoint each task names: on-policy rounds produce a new
+checkpoint of the same architecture every round, and swapping its weights into the running
+engine takes milliseconds where starting a new vLLM engine takes tens of seconds on a CPU.
 """
 
 from __future__ import annotations
+
+import time
+from typing import Literal
 
 from distributed import Client, WorkerPlugin, get_worker
 
 from pipeline.config import fingerprint
 from stages.teacher import TeacherEngine, TeacherOptions, load_engine
 
-PLUGIN_NAME = "logitforge-teacher"
+Role = Literal["teacher", "policy"]
+PLUGIN_NAMES: dict[str, str] = {"teacher": "logitforge-teacher", "policy": "logitforge-policy"}
 
 
-class TeacherEnginePlugin(WorkerPlugin):
-    """Holds the worker's teacher engine. Options travel as JSON, never as live objects."""
+class EnginePlugin(WorkerPlugin):
+    """Holds the worker's engine of one role. Options travel as JSON, never as live objects."""
 
-    name = PLUGIN_NAME
-
-    def __init__(self, options: TeacherOptions) -> None:
+    def __init__(self, options: TeacherOptions, role: Role = "teacher") -> None:
+        self.name = PLUGIN_NAMES[role]
+        self.role = role
         self.options_json = options.model_dump_json()
-        self.fingerprint = fingerprint(options.model_dump())
+        # The policy's checkpoint changes every round without making the engine stale.
+        exclude = {"model"} if role == "policy" else None
+        self.fingerprint = fingerprint(options.model_dump(exclude=exclude))
         self._engine: TeacherEngine | None = None
+        self.last_switch: dict[str, float] = {}  # {"load_s" | "swap_s" | "reload_s": s}
 
-    def engine(self) -> TeacherEngine:
+    def engine(self, model: str | None = None) -> TeacherEngine:
+        """The engine, serving checkpoint ``model`` when given (swapped in or reloaded)."""
+        options = TeacherOptions.model_validate_json(self.options_json)
+        if model is not None:
+            options = options.model_copy(update={"model": model})
+        self.last_switch = {}
+        t = time.perf_counter()
         if self._engine is None:
-            self._engine = load_engine(TeacherOptions.model_validate_json(self.options_json))
+            self._engine = load_engine(options)
+            how = "load"
+        elif self._engine.options.model != options.model:
+            try:
+                self._engine.swap_weights(options.model)  # type: ignore[attr-defined]
+                how = "swap"
+            except (AttributeError, ValueError):  # no swap, or another architecture
+                self._engine.close()
+                self._engine = load_engine(options)
+                how = "reload"
+        else:
+            return self._engine
+        self.last_switch = {f"{how}_s": time.perf_counter() - t}
         return self._engine
 
     def teardown(self, worker) -> None:
@@ -35,27 +66,33 @@ class TeacherEnginePlugin(WorkerPlugin):
             self._engine = None
 
 
-def worker_engine() -> TeacherEngine:
-    """The calling worker's engine (call from inside a task)."""
-    plugin = get_worker().plugins.get(PLUGIN_NAME)
+def worker_plugin(role: Role = "teacher") -> EnginePlugin:
+    """The calling worker's engine plugin of ``role`` (call from inside a task)."""
+    plugin = get_worker().plugins.get(PLUGIN_NAMES[role])
     if plugin is None:
-        raise RuntimeError("no teacher engine plugin on this worker; register it first")
-    return plugin.engine()
+        raise RuntimeError(f"no {role} engine plugin on this worker; register it first")
+    return plugin
 
 
-def ensure_engine_plugin(client: Client, options: TeacherOptions) -> None:
+def worker_engine(role: Role = "teacher", model: str | None = None) -> TeacherEngine:
+    """The calling worker's engine of ``role`` (serving ``model`` when given)."""
+    return worker_plugin(role).engine(model)
+
+
+def ensure_engine_plugin(client: Client, options: TeacherOptions, role: Role = "teacher") -> None:
     """Register the engine plugin unless every worker already holds one for these options.
 
     Re-registering would tear down and reload a warm engine (tens of seconds), so a cluster
-    reused across runs with the same teacher keeps its engines.
+    reused across runs (or on-policy rounds) with the same engine keeps its engines.
     """
-    plugin = TeacherEnginePlugin(options)
+    plugin = EnginePlugin(options, role)
+    name = PLUGIN_NAMES[role]
 
     def _current(dask_worker) -> str | None:
-        held = dask_worker.plugins.get(PLUGIN_NAME)
+        held = dask_worker.plugins.get(name)
         return getattr(held, "fingerprint", None)
 
     current = client.run(_current)
     if current and all(fp == plugin.fingerprint for fp in current.values()):
         return
-    client.register_plugin(plugin, name=PLUGIN_NAME)
+    client.register_plugin(plugin, name=name)
