@@ -7,20 +7,24 @@ under test is vectorised. They share no code beyond torch's softmax.
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from stages.train.losses import (
+    KINDS,
     distill_loss,
     forward_kl,
     generalized_jsd,
     hard_ce,
     reverse_kl,
+    sampled_reverse_kl,
     student_sparse,
     teacher_target,
 )
+from stages.train.options import LossKind
 
 INF = float("inf")
 TAILS = ("renorm", "rest")
@@ -572,3 +576,244 @@ def test_jsd_symmetry_on_full_support(temperature):
         a = generalized_jsd(s, ids_t, lp_t, beta=0.2, **kw)
         b = generalized_jsd(t, ids_s, lp_s, beta=0.8, **kw)
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# sampled_reverse_kl: on-policy per-token reverse KL on rollout tokens
+# --------------------------------------------------------------------------------------------
+# The student sampled SAMPLED at the three positions of the N=3, V=7 fixture. All three lie
+# outside the teacher's top-3 ({0, 3, 6}, {5, 1, 2}, {2, 6, 3}): the loss never uses the top-k,
+# only the teacher's exact logprob of the sampled token (the cache's next_logprob).
+SAMPLED = torch.tensor([4, 0, 5])
+BEHAVIOR = torch.tensor([-2.0, -2.7, -3.2], dtype=torch.float64)  # the rollout policy's lp
+W = torch.tensor([0.5, 2.0, 0.0], dtype=torch.float64)
+
+
+def hand_log_softmax(row: torch.Tensor) -> list[float]:
+    xs = row.tolist()
+    mx = max(xs)
+    lse = mx + math.log(sum(math.exp(x - mx) for x in xs))
+    return [x - lse for x in xs]
+
+
+def hand_sampled(behavior=None):
+    """Per position: (lp, lp_teacher, ratio, softmax row) from the textbook formulas."""
+    out = []
+    for n in range(3):
+        y = int(SAMPLED[n])
+        ls = hand_log_softmax(STUDENT_LOGITS[n])
+        lp, lp_t = ls[y], hand_log_softmax(TEACHER_LOGITS[n])[y]
+        b = None if behavior is None else float(behavior[n])
+        ratio = 1.0 if b is None or not math.isfinite(b) else math.exp(lp - b)
+        out.append((lp, lp_t, ratio, [math.exp(x) for x in ls]))
+    return out
+
+
+def hand_mean(values: list[float], weights) -> float:
+    if weights is None:
+        return sum(values) / len(values)
+    w = weights.tolist()
+    return sum(wi * x for wi, x in zip(w, values, strict=True)) / sum(w)
+
+
+TEACHER_NEXT_LP = torch.tensor([lp_t for _, lp_t, _, _ in hand_sampled()], dtype=torch.float64)
+
+
+def f64(x: float) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("weights", [None, W], ids=["unweighted", "weighted"])
+def test_sampled_rkl_value_by_hand(weights):
+    rows = hand_sampled()
+    got = sampled_reverse_kl(STUDENT_LOGITS, SAMPLED, TEACHER_NEXT_LP, weights=weights)
+    want = hand_mean([lp - lp_t for lp, lp_t, _, _ in rows], weights)
+    torch.testing.assert_close(got, f64(want), rtol=1e-12, atol=1e-12)
+
+    rows = hand_sampled(BEHAVIOR)
+    got = sampled_reverse_kl(
+        STUDENT_LOGITS, SAMPLED, TEACHER_NEXT_LP, behavior_logprob=BEHAVIOR, weights=weights
+    )
+    want = hand_mean(
+        [
+            math.exp(lp - b) * (lp - lp_t)
+            for (lp, lp_t, _, _), b in zip(rows, BEHAVIOR.tolist(), strict=True)
+        ],
+        weights,
+    )
+    torch.testing.assert_close(got, f64(want), rtol=1e-12, atol=1e-12)
+    # the ratio really is far from 1 here, so the two values differ
+    assert not math.isclose(got.item(), hand_mean([lp - lp_t for lp, lp_t, _, _ in rows], weights))
+
+
+@pytest.mark.parametrize("weights", [None, W], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("behavior", [None, BEHAVIOR], ids=["on_policy", "behavior"])
+def test_sampled_rkl_gradient_by_hand(weights, behavior):
+    """d loss / d logits = sum_n w_n r_n (lp_n - lp_t_n) (onehot(y_n) - softmax_n) / sum(w)."""
+    s = STUDENT_LOGITS.clone().requires_grad_(True)
+    sampled_reverse_kl(
+        s, SAMPLED, TEACHER_NEXT_LP, behavior_logprob=behavior, weights=weights
+    ).backward()
+    w = [1.0] * 3 if weights is None else weights.tolist()
+    want = [[0.0] * 7 for _ in range(3)]
+    for n, (lp, lp_t, ratio, q) in enumerate(hand_sampled(behavior)):
+        for j in range(7):
+            onehot = 1.0 if j == int(SAMPLED[n]) else 0.0
+            want[n][j] = w[n] * ratio * (lp - lp_t) * (onehot - q[j]) / sum(w)
+    torch.testing.assert_close(
+        s.grad, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_sampled_rkl_nan_behavior_falls_back_to_ratio_one_per_position():
+    behavior = BEHAVIOR.clone()
+    behavior[0] = float("nan")
+    behavior[2] = float("nan")
+    rows = hand_sampled(behavior)
+    ratios = [r for _, _, r, _ in rows]
+    assert ratios[0] == ratios[2] == 1.0 and ratios[1] != 1.0  # a real mix
+    s = STUDENT_LOGITS.clone().requires_grad_(True)
+    got = sampled_reverse_kl(s, SAMPLED, TEACHER_NEXT_LP, behavior_logprob=behavior)
+    got.backward()
+    want = hand_mean([ratio * (lp - lp_t) for lp, lp_t, ratio, _ in rows], None)
+    torch.testing.assert_close(got, f64(want), rtol=1e-12, atol=1e-12)
+    want_grad = [
+        [
+            ratio * (lp - lp_t) * ((1.0 if j == int(SAMPLED[n]) else 0.0) - q[j]) / 3
+            for j in range(7)
+        ]
+        for n, (lp, lp_t, ratio, q) in enumerate(rows)
+    ]
+    torch.testing.assert_close(
+        s.grad, torch.tensor(want_grad, dtype=torch.float64), rtol=1e-12, atol=1e-12
+    )
+    assert torch.isfinite(s.grad).all()
+
+
+def test_sampled_rkl_computes_in_float32_or_float64():
+    got = sampled_reverse_kl(STUDENT_LOGITS.to(torch.bfloat16), SAMPLED, TEACHER_NEXT_LP.float())
+    assert got.dtype == torch.float32
+    want = sampled_reverse_kl(
+        STUDENT_LOGITS.to(torch.bfloat16).float(), SAMPLED, TEACHER_NEXT_LP.float()
+    )
+    torch.testing.assert_close(got, want)
+    assert sampled_reverse_kl(STUDENT_LOGITS, SAMPLED, TEACHER_NEXT_LP).dtype == torch.float64
+
+
+def test_sampled_rkl_rejects_non_finite_teacher_logprob():
+    lp_t = TEACHER_NEXT_LP.clone()
+    lp_t[0] = float("nan")  # a row's last position slipped into the selection
+    lp_t[2] = -INF
+    with pytest.raises(ValueError, match="not finite at 2 of 3 positions"):
+        sampled_reverse_kl(STUDENT_LOGITS, SAMPLED, lp_t)
+    with pytest.raises(ValueError, match="not finite at 2 of 3 positions"):  # whatever the weight
+        sampled_reverse_kl(STUDENT_LOGITS, SAMPLED, lp_t, weights=torch.tensor([0.0, 1.0, 0.0]))
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((STUDENT_LOGITS[0], SAMPLED[:1], TEACHER_NEXT_LP[:1]), {}, "student_logits"),
+        ((STUDENT_LOGITS, SAMPLED[:2], TEACHER_NEXT_LP), {}, "labels"),
+        ((STUDENT_LOGITS, SAMPLED[:, None], TEACHER_NEXT_LP), {}, "labels"),
+        ((STUDENT_LOGITS, SAMPLED, TEACHER_NEXT_LP[:2]), {}, "teacher_logprob"),
+        ((STUDENT_LOGITS, SAMPLED, TEACHER_NEXT_LP[None]), {}, "teacher_logprob"),
+        (
+            (STUDENT_LOGITS, SAMPLED, TEACHER_NEXT_LP),
+            {"behavior_logprob": BEHAVIOR[:2]},
+            "behavior",
+        ),
+        ((STUDENT_LOGITS, SAMPLED, TEACHER_NEXT_LP), {"weights": W[:2]}, "weights"),
+        ((STUDENT_LOGITS, SAMPLED.int(), TEACHER_NEXT_LP), {}, "int64"),
+        ((STUDENT_LOGITS, torch.tensor([4, -100, 5]), TEACHER_NEXT_LP), {}, "1 of 3 labels"),
+        ((STUDENT_LOGITS, torch.tensor([4, 7, 5]), TEACHER_NEXT_LP), {}, "outside"),
+    ],
+)
+def test_sampled_rkl_rejects_bad_shapes(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sampled_reverse_kl(*args, **kwargs)
+
+
+def test_distill_loss_sampled_rkl():
+    assert set(get_args(LossKind)) == set(KINDS)  # the config accepts exactly what runs
+    kw = {"kind": "sampled_rkl", "next_logprob": TEACHER_NEXT_LP, "policy_logprob": BEHAVIOR}
+    s1 = STUDENT_LOGITS.clone().requires_grad_(True)
+    s2 = STUDENT_LOGITS.clone().requires_grad_(True)
+    loss, parts = distill_loss(s1, SAMPLED, None, None, **kw)  # alpha=1; no top-k needed
+    soft = sampled_reverse_kl(s2, SAMPLED, TEACHER_NEXT_LP, behavior_logprob=BEHAVIOR)
+    loss.backward()
+    soft.backward()
+    torch.testing.assert_close(loss, soft, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-12, atol=1e-12)
+    ce = hard_ce(STUDENT_LOGITS, SAMPLED)
+    assert parts == pytest.approx({"soft": soft.item(), "ce": ce.item()})
+
+    loss, parts = distill_loss(STUDENT_LOGITS, SAMPLED, None, None, alpha=0.3, **kw)
+    torch.testing.assert_close(loss, 0.3 * soft.detach() + 0.7 * ce, rtol=1e-12, atol=1e-12)
+    # by hand: CE of the sampled tokens is -lp
+    rows = hand_sampled(BEHAVIOR)
+    want = 0.3 * hand_mean([r * (lp - lp_t) for lp, lp_t, r, _ in rows], None) + 0.7 * hand_mean(
+        [-lp for lp, _, _, _ in rows], None
+    )
+    torch.testing.assert_close(loss, f64(want), rtol=1e-12, atol=1e-12)
+
+    # the top-k is ignored even when given; so are tail and beta
+    ids, lp = cache(TEACHER_LOGITS, K)
+    again, _ = distill_loss(STUDENT_LOGITS, SAMPLED, ids, lp, alpha=0.3, tail="renorm", **kw)
+    torch.testing.assert_close(again, loss, rtol=0, atol=0)
+
+    zero, parts = distill_loss(STUDENT_LOGITS, SAMPLED, None, None, weights=torch.zeros(3), **kw)
+    assert zero.item() == 0.0 and parts == {"soft": 0.0, "ce": 0.0}
+
+
+def test_distill_loss_sampled_rkl_rejects_bad_arguments():
+    kw = {"kind": "sampled_rkl", "next_logprob": TEACHER_NEXT_LP}
+    with pytest.raises(ValueError, match="temperature 1"):
+        distill_loss(STUDENT_LOGITS, SAMPLED, None, None, temperature=2.0, **kw)
+    with pytest.raises(ValueError, match="next_logprob"):
+        distill_loss(STUDENT_LOGITS, SAMPLED, None, None, kind="sampled_rkl")
+    with pytest.raises(ValueError, match="topk_ids and topk_logprobs"):
+        distill_loss(STUDENT_LOGITS, SAMPLED, None, None, kind="reverse_kl")
+
+
+def test_sampled_rkl_is_an_unbiased_estimator_of_the_reverse_kl_gradient():
+    """E_{y~q}[per-sample gradient] is exactly grad KL(q || p), and so is E_{y~b} with r = q/b.
+
+    The exact side is autograd on the dense sum_y q (log q - log p); the estimator side
+    enumerates every label of a V=5 vocabulary, weighted by its sampling probability. A wrong
+    sign, a missing stop-gradient or a wrong ratio would each break the equality.
+    """
+    z = torch.tensor([0.4, -1.1, 1.3, 0.0, -0.2], dtype=torch.float64)
+    log_p = torch.log_softmax(torch.tensor([1.5, 0.3, -0.7, 0.9, -2.0], dtype=torch.float64), 0)
+    log_b = torch.log_softmax(torch.tensor([-0.3, 0.8, 0.5, -1.0, 0.2], dtype=torch.float64), 0)
+    v = z.numel()
+
+    zz = z.clone().requires_grad_(True)
+    log_q = torch.log_softmax(zz, 0)
+    exact_kl = (log_q.exp() * (log_q - log_p)).sum()
+    exact_kl.backward()
+    exact = zz.grad.clone()
+    q = log_q.detach().exp()
+
+    def expected(sampling: torch.Tensor, behavior: torch.Tensor | None):
+        value, grad = 0.0, torch.zeros(v, dtype=torch.float64)
+        for y in range(v):
+            zy = z.clone().requires_grad_(True)
+            b = None if behavior is None else behavior[y : y + 1]
+            loss = sampled_reverse_kl(
+                zy[None], torch.tensor([y]), log_p[y : y + 1], behavior_logprob=b
+            )
+            loss.backward()
+            value += sampling[y].item() * loss.item()
+            grad += sampling[y] * zy.grad
+        return value, grad
+
+    value, grad = expected(q, None)  # on-policy: y ~ q, ratio 1
+    assert value == pytest.approx(exact_kl.item(), rel=1e-12, abs=1e-12)  # E[d] = KL(q || p)
+    torch.testing.assert_close(grad, exact, rtol=1e-10, atol=1e-10)
+    assert exact.abs().max() > 1e-2  # not trivially zero
+
+    value, grad = expected(log_b.exp(), log_b)  # off-policy: y ~ b, ratio q/b
+    torch.testing.assert_close(grad, exact, rtol=1e-10, atol=1e-10)
+    _, uncorrected = expected(log_b.exp(), None)  # the same samples without the ratio are biased
+    assert (uncorrected - exact).abs().max() > 1e-2

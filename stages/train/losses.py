@@ -19,6 +19,10 @@ compares the teacher and the student on that stored support, in one of two ways 
 mass on every token outside the teacher's top-k (nothing pushes it down), which the demo
 measured as a held-out perplexity of 2.3 against 1.4 for plain cross-entropy.
 
+One loss is the exception: :func:`sampled_reverse_kl`, the on-policy recipe, never looks at the
+top-k. It needs only the teacher's exact log-probability of the token the student itself
+sampled (the cache's ``next_logprob``), so it has neither a ``tail`` nor a temperature.
+
 Conventions shared by every function:
 
 * Inputs are already flattened to the N selected positions: ``student_logits`` [N, V],
@@ -56,12 +60,13 @@ __all__ = [
     "generalized_jsd",
     "hard_ce",
     "reverse_kl",
+    "sampled_reverse_kl",
     "student_sparse",
     "teacher_target",
 ]
 
 TAILS = ("renorm", "rest")
-KINDS = ("ce", "forward_kl", "reverse_kl", "jsd")
+KINDS = ("ce", "forward_kl", "reverse_kl", "jsd", "sampled_rkl")
 
 _NEG_INF = float("-inf")
 
@@ -88,6 +93,13 @@ def _check_unit(name: str, value: float) -> float:
     if not 0.0 <= v <= 1.0:  # also rejects NaN
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return v
+
+
+def _check_positions(name: str, x: Tensor, n: int) -> None:
+    if x.shape != (n,):
+        raise ValueError(
+            f"{name} must have shape ({n},) (one entry per position), got {tuple(x.shape)}"
+        )
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -401,11 +413,95 @@ def generalized_jsd(
     return _weighted_mean(per_row, weights)
 
 
+def sampled_reverse_kl(
+    student_logits: Tensor,
+    labels: Tensor,
+    teacher_logprob: Tensor,
+    *,
+    behavior_logprob: Tensor | None = None,
+    weights: Tensor | None = None,
+) -> Tensor:
+    """On-policy per-token reverse KL on the tokens the student sampled.
+
+    The Thinking Machines "On-Policy Distillation" recipe (2025): on-policy GKD's reverse KL
+    (Agarwal et al. 2024) estimated from the one sampled token per position. At each position
+    the student sampled ``y = labels`` from its own distribution q; with ``lp = log q(y)`` (the
+    student's full-vocabulary ``log_softmax`` at temperature 1) and ``lp_t = log p(y)`` (the
+    teacher's), ``d = lp - lp_t`` is a one-sample estimate of ``KL(q || p)`` at that position
+    and ``-d`` is the per-token advantage: a token the teacher finds likelier than the student
+    is reinforced.
+
+    The per-position loss is ``r * stopgrad(d)`` with the importance ratio
+    ``r = exp(lp - behavior_logprob)`` where ``behavior_logprob`` is finite, and
+    ``r = exp(lp - stopgrad(lp))`` (value 1, gradient ``grad lp``) where it is NaN (unknown,
+    i.e. the sample is taken to be on-policy). So:
+
+    * the VALUE is the weighted mean of ``r * d``: with ``r = 1`` the mean sampled reverse KL,
+      a noisy per-token estimate that can be negative, not a divergence;
+    * the GRADIENT w.r.t. the logits is ``r * d * grad lp``, the score-function (REINFORCE)
+      estimator of ``grad KL(q || p)``: as ``E_q[grad log q] = 0``,
+      ``grad KL(q || p) = E_{y~q}[(log q(y) - log p(y)) grad log q(y)]``, and for tokens drawn
+      by an older (behaviour) policy b the factor ``r = q / b`` corrects the expectation.
+      ``d`` is detached like a reward: its own gradient ``r * grad lp`` has expectation 0 and
+      would only add variance. ``r`` is not clipped; how stale rollouts may be is the caller's
+      call.
+
+    ``teacher_logprob`` is the cache's ``next_logprob``: the teacher scored the sampled
+    sequence and stored the exact log-probability of the token that follows, so it is exact
+    even when ``y`` is outside the stored top-k (no tail approximation, and the top-k is not
+    used at all). No temperature is applied: for ``r`` to be the ratio of the policies and the
+    estimator to be unbiased, rollouts must be sampled at temperature 1 with top_p = 1 (and no
+    top-k truncation), so that the sampling distribution IS ``softmax(logits)``.
+
+    A non-finite ``teacher_logprob`` is an error (whatever its weight): the cache stores NaN at
+    each row's last position, which has no next token, so such a value means that position
+    slipped into the selection.
+
+    Shapes: ``student_logits`` [N, V], ``labels`` int64 [N] in ``[0, V)``,
+    ``teacher_logprob`` / ``behavior_logprob`` / ``weights`` [N]. Weighted mean over positions.
+    """
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
+    n, v = student_logits.shape
+    _check_positions("labels", labels, n)
+    _check_positions("teacher_logprob", teacher_logprob, n)
+    if behavior_logprob is not None:
+        _check_positions("behavior_logprob", behavior_logprob, n)
+    if labels.dtype != torch.int64:
+        raise ValueError(f"labels must be int64 token ids, got {labels.dtype}")
+    out_of_range = (labels < 0) | (labels >= v)
+    if out_of_range.any():
+        raise ValueError(
+            f"{int(out_of_range.sum())} of {n} labels are outside [0, {v}): sampled tokens "
+            "must be real vocabulary ids (there is no ignore_index here; select positions instead)"
+        )
+    dtype = _compute_dtype(student_logits)
+    lp_t = teacher_logprob.to(dtype)
+    bad = ~torch.isfinite(lp_t)
+    if bad.any():
+        raise ValueError(
+            f"teacher_logprob is not finite at {int(bad.sum())} of {n} positions: the cache "
+            "stores NaN at each row's last position (it has no next token), so such a position "
+            "slipped into the training selection"
+        )
+
+    z = _as_compute(student_logits)
+    # log q(y) as gathered logit - logsumexp: no [N, V] log-softmax buffer is kept for backward.
+    lp = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    d = (lp - lp_t).detach()
+    lp_behavior = lp.detach()  # unknown behaviour policy: on-policy, r = 1
+    if behavior_logprob is not None:
+        b = behavior_logprob.to(dtype)
+        lp_behavior = torch.where(torch.isfinite(b), b, lp_behavior)
+    ratio = torch.exp(lp - lp_behavior)
+    return _weighted_mean(ratio * d, weights)
+
+
 def distill_loss(
     student_logits: Tensor,
     labels: Tensor,
-    topk_ids: Tensor,
-    topk_logprobs: Tensor,
+    topk_ids: Tensor | None,
+    topk_logprobs: Tensor | None,
     *,
     kind: str,
     temperature: float = 1.0,
@@ -413,13 +509,19 @@ def distill_loss(
     beta: float = 0.5,
     tail: str = "rest",
     weights: Tensor | None = None,
+    next_logprob: Tensor | None = None,
+    policy_logprob: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The training loss: ``alpha * soft + (1 - alpha) * hard_ce``, and its components.
 
-    ``kind`` selects the soft term: "forward_kl", "reverse_kl" or "jsd" (with ``beta``);
-    "ce" trains on the hard labels only (no teacher term is computed and ``soft`` is reported
-    as 0.0). The hard CE is always at temperature 1. A term whose mix weight is 0 stays out of
-    the autograd graph; it is still evaluated under ``no_grad`` for logging.
+    ``kind`` selects the soft term: "forward_kl", "reverse_kl" or "jsd" (with ``beta``) on the
+    top-k cache; "sampled_rkl" is :func:`sampled_reverse_kl` on rollout data, from
+    ``next_logprob`` (the teacher's logprob of each label, required) and ``policy_logprob``
+    (the sampling policy's, optional, NaN = unknown), and needs neither the top-k (which may
+    then be None) nor ``tail``; "ce" trains on the hard labels only (no teacher term is
+    computed and ``soft`` is reported as 0.0). The hard CE is always at temperature 1. A term
+    whose mix weight is 0 stays out of the autograd graph; it is still evaluated under
+    ``no_grad`` for logging.
 
     Returns ``(loss, {"soft": float, "ce": float})`` with detached floats.
     """
@@ -433,8 +535,29 @@ def distill_loss(
     if kind == "ce":
         ce = hard_ce(student_logits, labels, weights)
         return ce, {"soft": 0.0, "ce": float(ce.detach())}
+    if kind == "sampled_rkl":
+        if t != 1.0:
+            raise ValueError(
+                f"kind 'sampled_rkl' needs temperature 1, got {temperature!r}: its importance "
+                "ratio and score-function gradient are only right for the untempered policy "
+                "the rollouts were sampled from"
+            )
+        if next_logprob is None:
+            raise ValueError(
+                "kind 'sampled_rkl' needs next_logprob (the teacher's logprob of each label)"
+            )
+    elif topk_ids is None or topk_logprobs is None:
+        raise ValueError(f"kind {kind!r} needs topk_ids and topk_logprobs")
 
     def soft_fn() -> Tensor:
+        if kind == "sampled_rkl":
+            return sampled_reverse_kl(
+                student_logits,
+                labels,
+                next_logprob,
+                behavior_logprob=policy_logprob,
+                weights=weights,
+            )
         kwargs = {"temperature": t, "tail": tail, "weights": weights}
         if kind == "jsd":
             return generalized_jsd(student_logits, topk_ids, topk_logprobs, beta=b, **kwargs)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-LossKind = Literal["ce", "forward_kl", "reverse_kl", "jsd"]
+LossKind = Literal["ce", "forward_kl", "reverse_kl", "jsd", "sampled_rkl"]
 
 
 class LossOptions(BaseModel):
@@ -16,7 +16,8 @@ class LossOptions(BaseModel):
 
     kind: LossKind = Field(
         "forward_kl",
-        description="ce (hard labels only), forward_kl, reverse_kl or jsd (GKD, with beta).",
+        description="ce (hard labels only), forward_kl, reverse_kl, jsd (GKD, with beta) or "
+        "sampled_rkl (on-policy per-token reverse KL on the sampled tokens; needs rollout data).",
     )
     temperature: float = Field(1.0, gt=0, description="Applied to teacher and student alike.")
     alpha: float = Field(1.0, ge=0, le=1, description="Weight of the soft term; 1 - alpha on CE.")
@@ -71,6 +72,17 @@ class StudentOptions(BaseModel):
         return self
 
 
+class MixOptions(BaseModel):
+    """Batches drawn from other sources with a given probability (GKD's lambda mixing)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[str] = Field(min_length=1, description="Shard sets mixed in.")
+    fraction: float = Field(
+        ge=0, le=1, description="Probability that a batch comes from these sources."
+    )
+
+
 class DataOptions(BaseModel):
     """Which shard sets feed the student, and how they are batched."""
 
@@ -85,6 +97,9 @@ class DataOptions(BaseModel):
     shuffle_shards: int = Field(4, ge=1, description="Whole shards mixed in the shuffle buffer.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     strict: bool = Field(True, description="Refuse a source with incomplete shards.")
+    mix: MixOptions | None = Field(
+        None, description="Whole batches from other sources with probability mix.fraction."
+    )
 
 
 class TrainOptions(BaseModel):
