@@ -8,48 +8,44 @@ on the same output folder is refused unless `overwrite` is set.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import DistillConfig, describe_difference, fingerprint
+from pipeline.config import DistillConfig, claim_run_folder, fingerprint
 from stages.prompts import tokenizer_fingerprint
-from stages.train.loader import DistillDataset, check_tokenizer, open_sources
+from stages.train.loader import (
+    DistillDataset,
+    LogitSource,
+    MixtureDataset,
+    SourceError,
+    check_tokenizer,
+    open_sources,
+)
 from stages.train.student import load_student
 from stages.train.trainer import read_summary, train_model, write_summary
-from storage.manifest import PlanMismatchError
 
 Log = Callable[[str], None]
 RUN_FILE = "distill_config.json"
 
 
-def _claim_output(cfg: DistillConfig, out: Path, fp: str, log: Log) -> dict[str, Any] | None:
-    """The finished run's summary if this exact job is done; refuse another job's folder."""
-    run_file = out / RUN_FILE
-    if run_file.exists():
-        previous = json.loads(run_file.read_text())
-        if previous.get("fingerprint") != fp:
-            if not cfg.overwrite:
-                changes = describe_difference(previous.get("config", {}), cfg.output_defining())
-                raise PlanMismatchError(
-                    f"{out} holds a run made with a different config:\n  "
-                    + "\n  ".join(changes or ["(format changed)"])
-                    + "\nUse another train.output_dir, or set overwrite=true to replace it."
-                )
-            log(f"overwrite: removing the previous run in {out}")
-            shutil.rmtree(out)
-        else:
-            summary = read_summary(out)
-            if summary is not None:
-                return summary
-    out.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(
-        json.dumps({"fingerprint": fp, "config": cfg.output_defining()}, indent=2) + "\n"
-    )
-    return None
+def check_loss_data(cfg: DistillConfig, sources: list[LogitSource]) -> None:
+    """Refuse a loss the data cannot serve, before any step.
+
+    Per-token reverse KL is a score-function estimate over the student's own samples: it is
+    only meaningful on scored rollouts (kind ``onpolicy``), which carry the sampling policy's
+    logprobs; on off-policy text it would push the student towards tokens it never chose.
+    """
+    if cfg.loss.kind != "sampled_rkl":
+        return
+    for source in sources:
+        if source.metadata.kind != "onpolicy":
+            raise SourceError(
+                f"loss.kind sampled_rkl needs scored rollouts (kind 'onpolicy'); {source.url} "
+                f"holds {source.metadata.kind!r}. Use a top-k loss (jsd, forward_kl) for "
+                "off-policy data"
+            )
 
 
 def run_distill(cfg: DistillConfig, log: Log = print) -> dict[str, Any]:
@@ -58,15 +54,18 @@ def run_distill(cfg: DistillConfig, log: Log = print) -> dict[str, Any]:
     out = Path(cfg.train.output_dir)
     fp = fingerprint(cfg.output_defining())
     sources = open_sources(cfg.data.sources, strict=cfg.data.strict)
+    mixed = open_sources(cfg.data.mix.sources, strict=cfg.data.strict) if cfg.data.mix else []
+    check_loss_data(cfg, sources + mixed)
     model, tokenizer = load_student(
         cfg.student, default_tokenizer=sources[0].metadata.teacher_model, seed=cfg.train.seed
     )
     # A cache made with another tokenizer fails here, before anything is written.
-    check_tokenizer(sources, tokenizer_fingerprint(tokenizer))
-    done = _claim_output(cfg, out, fp, log)
-    if done is not None:
-        log(f"{out} already holds this finished run; nothing to do")
-        return done
+    check_tokenizer(sources + mixed, tokenizer_fingerprint(tokenizer))
+    if claim_run_folder(out, RUN_FILE, fp, cfg.output_defining(), cfg.overwrite, log):
+        done = read_summary(out)
+        if done is not None:
+            log(f"{out} already holds this finished run; nothing to do")
+            return done
 
     params = sum(p.numel() for p in model.parameters())
     rows = [s.num_rows for s in sources]
@@ -76,16 +75,26 @@ def run_distill(cfg: DistillConfig, log: Log = print) -> dict[str, Any]:
         f"{cfg.train.steps} steps of {cfg.data.batch_size} rows from {len(sources)} source(s)"
         + (f" ({sum(rows):,} rows)" if None not in rows else "")
     )
-    dataset = DistillDataset(
-        sources,
-        batch_size=cfg.data.batch_size,
-        pad_id=tokenizer.pad_token_id,
-        include_prompt=cfg.data.include_prompt,
-        shuffle=cfg.data.shuffle,
-        shuffle_shards=cfg.data.shuffle_shards,
-        seed=cfg.train.seed,
-        repeat=True,
-    )
+
+    def stream(of: list[LogitSource], seed: int) -> DistillDataset:
+        return DistillDataset(
+            of,
+            batch_size=cfg.data.batch_size,
+            pad_id=tokenizer.pad_token_id,
+            include_prompt=cfg.data.include_prompt,
+            shuffle=cfg.data.shuffle,
+            shuffle_shards=cfg.data.shuffle_shards,
+            seed=seed,
+            repeat=True,
+        )
+
+    dataset: DistillDataset | MixtureDataset = stream(sources, cfg.train.seed)
+    if cfg.data.mix is not None:
+        f = cfg.data.mix.fraction
+        log(f"mixing: a batch comes from {cfg.data.mix.sources} with probability {f}")
+        dataset = MixtureDataset(
+            [dataset, stream(mixed, cfg.train.seed + 1)], [1 - f, f], seed=cfg.train.seed
+        )
     result = train_model(
         model,
         dataset,

@@ -12,6 +12,8 @@ yields ready-made batches:
     target_ids      int64 [B, L]   the next token at each position (-100 where there is none)
     topk_ids        int64 [B, L, k]  the teacher's top-k ids (k padded to the sources' max)
     topk_logprobs   float [B, L, k]  their raw logprobs (padding: -inf)
+    next_logprob    float [B, L]   the teacher's logprob of the target token (NaN: none)
+    policy_logprob  float [B, L]   the rollout policy's logprob of it (NaN: not a rollout)
 
 Every tensor has the batch dimension first, so accelerate can split or dispatch batches
 across processes; the trainer gathers ``x[loss_mask]`` from logits and targets alike. Every
@@ -86,6 +88,11 @@ class LogitSource:
             except ValueError as e:
                 raise SourceError(f"{url}: {e}") from e
             source = cls(url, meta, len(files), _files=files, _fs=fs)
+        if meta.kind == "rollout":
+            raise SourceError(
+                f"{url} is a rollout set: it has no teacher scores yet. Score it with "
+                "`logitforge cache-teacher` (input.path set to it) and train on the result"
+            )
         try:
             meta.make_codec()
         except ValueError as e:
@@ -213,6 +220,15 @@ def collate(
         "loss_mask": torch.from_numpy(loss_mask),
         "target_ids": torch.from_numpy(targets),
     }
+    # Logprobs of each position's target token: the teacher's (stored for every row) and the
+    # sampling policy's (rollouts only); the on-policy loss reads both.
+    for name, values in (
+        ("next_logprob", rows.next_logprob),
+        ("policy_logprob", rows.policy_logprobs()),
+    ):
+        padded = np.full((num_rows, width), np.nan, dtype=np.float32)
+        padded[row, col] = values[src]
+        batch[name] = torch.from_numpy(padded)
     if rows.k > 0:
         topk_ids = np.zeros((num_rows, width, rows.k), dtype=np.int64)
         topk_lps = np.full((num_rows, width, rows.k), -np.inf, dtype=np.float32)
@@ -322,10 +338,49 @@ class DistillDataset(IterableDataset):
         return collate(pool, pad_id=self.pad_id, include_prompt=self.include_prompt, select=select)
 
 
+class MixtureDataset(IterableDataset):
+    """Each batch from one of several endless batch streams, chosen with given probabilities.
+
+    GKD's lambda is this with two streams (on-policy rounds with probability lambda, a cached
+    off-policy set otherwise). The choice for batch b is a pure function of (seed, worker, b),
+    so the mixture resumes exactly like its streams do.
+    """
+
+    def __init__(self, datasets: list[IterableDataset], weights: list[float], seed: int = 0):
+        super().__init__()
+        if len(datasets) != len(weights) or not datasets:
+            raise ValueError("need one weight per dataset, and at least one dataset")
+        w = np.asarray(weights, dtype=np.float64)
+        if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {weights}")
+        self.datasets = datasets
+        self.probs = w / w.sum()
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        for d in self.datasets:
+            if hasattr(d, "set_epoch"):
+                d.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        rng = np.random.default_rng([self.seed, 0 if info is None else info.id + 1, 7])
+        # Streams that can never be chosen are not opened (no shard is read for them).
+        streams = [
+            iter(d) if p > 0 else None for d, p in zip(self.datasets, self.probs, strict=True)
+        ]
+        while True:
+            choice = int(rng.choice(len(streams), p=self.probs))
+            batch = next(streams[choice], None)  # type: ignore[arg-type]
+            if batch is None:  # a finite stream ran out: the mixture ends with it
+                return
+            yield batch
+
+
 def _nbytes(batch: LogitBatch) -> int:
-    return sum(
-        a.nbytes for a in (batch.input_ids, batch.topk_ids, batch.topk_logprobs, batch.next_logprob)
-    )
+    arrays = (batch.input_ids, batch.topk_ids, batch.topk_logprobs, batch.next_logprob)
+    extra = 0 if batch.policy_logprob is None else batch.policy_logprob.nbytes
+    return sum(a.nbytes for a in arrays) + extra
 
 
 def _pad_k(batch: LogitBatch, k: int) -> LogitBatch:
@@ -341,6 +396,7 @@ def _pad_k(batch: LogitBatch, k: int) -> LogitBatch:
         topk_ids=np.pad(batch.topk_ids, pad),
         topk_logprobs=np.pad(batch.topk_logprobs, pad, constant_values=-np.inf),
         next_logprob=batch.next_logprob,
+        policy_logprob=batch.policy_logprob,
     )
 
 

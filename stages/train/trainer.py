@@ -73,6 +73,8 @@ class DistillTrainer(Trainer):
             alpha=opts.alpha,
             beta=opts.beta,
             tail=opts.tail,
+            next_logprob=inputs["next_logprob"][mask],
+            policy_logprob=inputs["policy_logprob"][mask],
         )
         if opts.kind == "ce":
             parts = {}  # the loss is the CE: nothing more to report
