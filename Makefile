@@ -3,6 +3,7 @@
 #   make test            run the test suite (real vLLM, real Dask cluster)
 #   make bench           capture throughput vs the compute floor -> bench/results/*.json
 #   make demo            cache, generate, distill 5 ways x 3 seeds, evaluate -> artifacts/demo/
+#   make demo-onpolicy   on-policy rounds vs off-policy at equal teacher budget -> same results
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +16,8 @@ CONFIG ?= configs/cache-teacher.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install teacher cache-teacher generate-teacher distill demo test bench lint format clean
+.PHONY: install teacher cache-teacher generate-teacher distill rollout onpolicy demo \
+	demo-onpolicy test bench lint format clean
 
 install: $(STAMP)
 
@@ -48,8 +50,17 @@ generate-teacher: teacher
 distill: cache-teacher
 	$(VENV)/bin/logitforge distill --config configs/distill.yaml $(ARGS)
 
+rollout: distill
+	$(VENV)/bin/logitforge rollout --config configs/rollout.yaml $(ARGS)
+
+onpolicy: distill
+	$(VENV)/bin/logitforge onpolicy --config configs/onpolicy.yaml $(ARGS)
+
 demo: teacher
 	$(VENV)/bin/logitforge demo $(ARGS)
+
+demo-onpolicy: teacher
+	$(VENV)/bin/logitforge demo-onpolicy $(ARGS)
 
 test: teacher
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -66,4 +77,5 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf artifacts/cache artifacts/demo artifacts/students bench/results .pytest_cache
+	rm -rf artifacts/cache artifacts/demo artifacts/students artifacts/rollouts artifacts/onpolicy \
+	  bench/results .pytest_cache

@@ -1,4 +1,5 @@
-"""`logitforge` command line: cache-teacher, generate-teacher, distill, evaluate, demo, inspect."""
+"""`logitforge` command line: cache-teacher, generate-teacher, rollout, distill, onpolicy,
+evaluate, demo, inspect."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ DEFAULT_CONFIG = "configs/cache-teacher.yaml"
 
 
 def _cache_teacher(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
+    from pipeline.config import CacheTeacherConfig, RolloutConfig, load_config
     from pipeline.execute import run_cache_teacher
 
     overrides = list(args.set or [])
@@ -25,7 +26,8 @@ def _cache_teacher(args: argparse.Namespace) -> int:
         overrides.append(f"cluster.n_workers={args.n_workers}")
     if args.overwrite:
         overrides.append("output.overwrite=true")
-    cfg = load_config(args.config, overrides)
+    model = RolloutConfig if args.command == "rollout" else CacheTeacherConfig
+    cfg = load_config(args.config, overrides, model)
     if args.command == "generate-teacher" and cfg.generation is None:
         raise ValueError(f"{args.config} has no `generation:` section; generate-teacher needs one")
     summary = run_cache_teacher(cfg, log=lambda msg: print(msg, flush=True))
@@ -46,6 +48,24 @@ def _distill(args: argparse.Namespace) -> int:
         overrides.append("overwrite=true")
     cfg = load_config(args.config, overrides, DistillConfig)
     summary = run_distill(cfg, log=lambda msg: print(msg, flush=True))
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def _onpolicy(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.onpolicy import OnPolicyConfig, run_onpolicy
+
+    overrides = list(args.set or [])
+    if args.output:
+        overrides.append(f"train.output_dir={args.output}")
+    if args.scheduler:
+        overrides.append(f"cluster.scheduler={args.scheduler}")
+    if args.overwrite:
+        overrides.append("overwrite=true")
+    cfg = load_config(args.config, overrides, OnPolicyConfig)
+    summary = run_onpolicy(cfg, log=lambda msg: print(msg, flush=True))
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
@@ -78,6 +98,12 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(args.extra)
 
 
+def _demo_onpolicy(args: argparse.Namespace) -> int:
+    from pipeline.demo.onpolicy import main as demo_main
+
+    return demo_main(args.extra)
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from storage.reader import ShardSet
 
@@ -102,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
             "generate-teacher",
             "have the teacher generate completions, stored with their top-k logprobs",
             "configs/generate-teacher.yaml",
+        ),
+        (
+            "rollout",
+            "have a student checkpoint sample completions (on-policy data) into a shard set",
+            "configs/rollout.yaml",
         ),
     ):
         cache = sub.add_parser(name, help=help_text)
@@ -130,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--summary-json", help="also write the summary as JSON here")
     distill.set_defaults(func=_distill)
 
+    onpolicy = sub.add_parser(
+        "onpolicy", help="rounds of student rollouts, teacher scoring and training"
+    )
+    onpolicy.add_argument("--config", default="configs/onpolicy.yaml", help="YAML config")
+    onpolicy.add_argument("--set", action="append", metavar="KEY=VALUE", help="override")
+    onpolicy.add_argument("--output", help="train.output_dir (the run's root)")
+    onpolicy.add_argument("--scheduler", help="address of a running Dask scheduler")
+    onpolicy.add_argument(
+        "--overwrite", action="store_true", help="replace a run made with another config"
+    )
+    onpolicy.add_argument("--summary-json", help="also write the summary as JSON here")
+    onpolicy.set_defaults(func=_onpolicy)
+
     evaluate = sub.add_parser(
         "evaluate", help="held-out accuracy (vLLM), perplexity and KL to the teacher"
     )
@@ -155,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     demo.set_defaults(func=_demo, passthrough=True)
+
+    demo_onpolicy = sub.add_parser(
+        "demo-onpolicy",
+        help="on-policy rounds vs off-policy at equal teacher budget (see demo-onpolicy --help)",
+        add_help=False,
+    )
+    demo_onpolicy.set_defaults(func=_demo_onpolicy, passthrough=True)
 
     inspect = sub.add_parser("inspect", help="print a shard set's metadata")
     inspect.add_argument("path")

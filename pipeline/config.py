@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from stages.prompts import InputOptions, PrepareOptions
 from stages.teacher import GenerationOptions, TeacherOptions
 from stages.train.options import DataOptions, LossOptions, StudentOptions, TrainOptions
+from storage.manifest import PlanMismatchError
 
 
 class OutputOptions(BaseModel):
@@ -46,8 +48,22 @@ class ClusterOptions(BaseModel):
     use_gpu_resources: bool = Field(
         False, description="Tasks request {'GPU': tensor_parallel_size} on an external cluster."
     )
+    resources: dict[str, float] | None = Field(
+        None,
+        description="Dask resources every shard task requests, e.g. {POLICY: 1} to run "
+        "rollouts only on workers started with --resources POLICY=1; overrides the GPU ones.",
+    )
     retries: int = Field(2, ge=0, description="Dask retries per shard task.")
     dashboard: bool = False
+
+
+def task_resources(cluster: ClusterOptions, engine: TeacherOptions) -> dict[str, float] | None:
+    """What each shard task requests: explicit resources, else GPUs when the cluster has them."""
+    if cluster.resources:
+        return dict(cluster.resources)
+    if cluster.gpus_per_worker > 0 or cluster.use_gpu_resources:
+        return {"GPU": float(engine.tensor_parallel_size)}
+    return None
 
 
 class CacheTeacherConfig(BaseModel):
@@ -73,9 +89,7 @@ class CacheTeacherConfig(BaseModel):
 
     @property
     def task_resources(self) -> dict[str, float] | None:
-        if self.cluster.gpus_per_worker > 0 or self.cluster.use_gpu_resources:
-            return {"GPU": float(self.teacher.tensor_parallel_size)}
-        return None
+        return task_resources(self.cluster, self.teacher)
 
     def output_defining(self) -> dict[str, Any]:
         """The fields that change what is written; runtime knobs (cluster, cache sizes) don't."""
@@ -92,6 +106,65 @@ class CacheTeacherConfig(BaseModel):
         if self.generation is not None:  # absent for plain caches: their fingerprints stand
             defining["generation"] = self.generation.model_dump()
         return defining
+
+
+class RolloutConfig(BaseModel):
+    """The whole `logitforge rollout` job: a student checkpoint samples completions.
+
+    Planning, resume and execution are the cache-teacher job's; the engine is the policy
+    (a student checkpoint served by vLLM) and nothing is scored. ``teacher`` is an alias of
+    ``policy`` so the planner can read the engine's tokenizer and context from either job.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: InputOptions
+    prompts: PrepareOptions = Field(default_factory=PrepareOptions)
+    policy: TeacherOptions = Field(
+        description="The student checkpoint that samples (k only sizes vLLM's max_logprobs)."
+    )
+    generation: GenerationOptions = Field(
+        default_factory=lambda: GenerationOptions(temperature=1.0),
+        description="How completions are sampled; T = 1 keeps policy_logprob the sampling "
+        "distribution's.",
+    )
+    policy_version: str | None = Field(
+        None, description="Recorded in every row; defaults to the checkpoint folder's name."
+    )
+    output: OutputOptions
+    cluster: ClusterOptions = Field(default_factory=ClusterOptions)
+
+    @property
+    def kind(self) -> str:
+        return "rollout"
+
+    @property
+    def teacher(self) -> TeacherOptions:
+        return self.policy
+
+    @property
+    def version(self) -> str:
+        return self.policy_version or Path(self.policy.model).name
+
+    @property
+    def task_resources(self) -> dict[str, float] | None:
+        return task_resources(self.cluster, self.teacher)
+
+    def output_defining(self) -> dict[str, Any]:
+        return {
+            "input": self.input.model_dump(),
+            "prompts": self.prompts.model_dump(),
+            "policy": self.policy.model_dump(
+                include={"model", "revision", "tokenizer", "engine", "dtype", "max_model_len"}
+            ),
+            "generation": self.generation.model_dump(),
+            "policy_version": self.version,
+            "output": self.output.model_dump(include={"rows_per_shard"}),
+        }
+
+
+ShardJobConfig = CacheTeacherConfig | RolloutConfig
+"""A job whose output is a shard set planned from an input (what `pipeline.plan` plans)."""
 
 
 class DistillConfig(BaseModel):
@@ -179,3 +252,30 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = 
         elif a != b:
             out.append(f"{name}: {a!r} -> {b!r}")
     return out
+
+
+def claim_run_folder(
+    out: Path, run_file: str, fp: str, config: dict[str, Any], overwrite: bool, log: Any = print
+) -> bool:
+    """Make ``out`` the folder of the job with fingerprint ``fp``; True if it already was.
+
+    Another job's folder is refused, listing what changed, unless ``overwrite`` (then it is
+    removed). The job's config is recorded in ``out/run_file``.
+    """
+    path = out / run_file
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous.get("fingerprint") == fp:
+            return True
+        if not overwrite:
+            changes = describe_difference(previous.get("config", {}), config)
+            raise PlanMismatchError(
+                f"{out} holds a run made with a different config:\n  "
+                + "\n  ".join(changes or ["(format changed)"])
+                + "\nUse another train.output_dir, or set overwrite=true to replace it."
+            )
+        log(f"overwrite: removing the previous run in {out}")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"fingerprint": fp, "config": config}, indent=2) + "\n")
+    return False
