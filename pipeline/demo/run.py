@@ -156,7 +156,7 @@ def make_caches(spec: DemoSpec, teacher_build: str, log: Log) -> dict[str, Path]
         for name, (rows, out, gen) in caches.items()
     }
     first = next(iter(configs.values()))
-    with dask_client(first, log) as client:
+    with dask_client(first.cluster, log) as client:
         for name, cfg in configs.items():
             log(f"[demo] {cfg.kind} on {name} prompts -> {cfg.output.path}")
             summary = run_cache_teacher(cfg, client=client, log=lambda _: None)
@@ -217,6 +217,22 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def teacher_row(teacher: dict[str, Any]) -> dict[str, Any]:
+    """The reference row: the teacher's own evaluation."""
+    return {
+        "method": "teacher",
+        "about": "the embedded teacher (1.5M params): reference",
+        "accuracy_mean": teacher["accuracy"],
+        "accuracy_std": 0.0,
+        "seeds": [],
+        "accuracies": [teacher["accuracy"]],
+        "gap_recovered": 1.0,
+        "perplexity": teacher["perplexity"],
+        "kl_to_teacher": teacher["kl_to_teacher"],
+        "wall_s": None,
+    }
+
+
 def summarise(
     spec: DemoSpec,
     teacher: dict[str, Any],
@@ -224,20 +240,7 @@ def summarise(
     runs: dict[str, list[dict]],
 ) -> list[dict[str, Any]]:
     """One row per method (plus the teacher), with the gap recovered over the baseline."""
-    rows: list[dict[str, Any]] = [
-        {
-            "method": "teacher",
-            "about": "the embedded teacher (1.5M params): reference",
-            "accuracy_mean": teacher["accuracy"],
-            "accuracy_std": 0.0,
-            "seeds": [],
-            "accuracies": [teacher["accuracy"]],
-            "gap_recovered": 1.0,
-            "perplexity": teacher["perplexity"],
-            "kl_to_teacher": teacher["kl_to_teacher"],
-            "wall_s": None,
-        }
-    ]
+    rows: list[dict[str, Any]] = [teacher_row(teacher)]
     base = (
         statistics.fmean(r["accuracy"] for r in evals["baseline"]) if "baseline" in evals else None
     )
@@ -264,7 +267,9 @@ def summarise(
     return rows
 
 
-def merge_results(path: Path, rows: list[dict], meta: dict[str, Any]) -> dict[str, Any]:
+def merge_results(
+    path: Path, rows: list[dict], meta: dict[str, Any], demo: str = "distill"
+) -> dict[str, Any]:
     """results.json keeps other demos' rows; this demo's methods replace their old rows."""
     try:
         old = json.loads(path.read_text())
@@ -272,33 +277,52 @@ def merge_results(path: Path, rows: list[dict], meta: dict[str, Any]) -> dict[st
         old = {}
     mine = {r["method"] for r in rows}
     kept = [r for r in old.get("rows", []) if r["method"] not in mine]
-    doc = {"rows": rows + kept, "demos": {**old.get("demos", {}), "distill": meta}}
+    doc = {"rows": kept + rows, "demos": {**old.get("demos", {}), demo: meta}}
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return doc
 
 
-def render_markdown(rows: list[dict], meta: dict[str, Any]) -> str:
+def _cell(value: Any, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def render_markdown(rows: list[dict], demos: dict[str, Any]) -> str:
+    """One table of every demo's rows, then what each demo ran."""
     lines = [
         "| method | student trained on | held-out exact match (mean ± std) | gap recovered "
-        "| perplexity | KL to teacher | train wall (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| perplexity | KL to teacher | teacher tokens | train wall (s) | s/round |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         gap = "" if r["gap_recovered"] is None else f"{100 * r['gap_recovered']:.0f}%"
-        wall = "" if r["wall_s"] is None else f"{r['wall_s']:.0f}"
+        if r.get("gap_baseline"):
+            gap += f" (vs `{r['gap_baseline']}`)"
         acc = f"{r['accuracy_mean']:.3f}" + (f" ± {r['accuracy_std']:.3f}" if r["seeds"] else "")
         lines.append(
             f"| `{r['method']}` | {r['about']} | {acc} | {gap} | {r['perplexity']:.3f} "
-            f"| {r['kl_to_teacher']:.4f} | {wall} |"
+            f"| {r['kl_to_teacher']:.4f} | {_cell(r.get('teacher_tokens'), ',.0f')} "
+            f"| {_cell(r.get('wall_s'), '.0f')} | {_cell(r.get('round_wall_s'), '.1f')} |"
         )
-    spec = meta["spec"]
-    lines += [
-        "",
-        f"Students: {spec['student']} Llama, {spec['steps']} steps of {spec['batch_size']} rows "
-        f"from {spec['n_train']:,} training prompts, seeds {spec['seeds']}; held-out: "
-        f"{spec['n_heldout']:,} prompts; teacher cache top-{spec['k']}, fp16. "
-        f"Demo wall time {meta['wall_s']:.0f} s.",
-    ]
+    lines.append("")
+    if "distill" in demos:
+        meta = demos["distill"]
+        spec = meta["spec"]
+        lines.append(
+            f"`make demo`: students {spec['student']} Llama, {spec['steps']} steps of "
+            f"{spec['batch_size']} rows from {spec['n_train']:,} training prompts, seeds "
+            f"{spec['seeds']}; held-out: {spec['n_heldout']:,} prompts; teacher cache "
+            f"top-{spec['k']}, fp16. Wall time {meta['wall_s']:.0f} s."
+        )
+    if "onpolicy" in demos:
+        meta = demos["onpolicy"]
+        spec = meta["spec"]
+        lines.append(
+            f"`make demo-onpolicy`: from a {spec['init_steps']}-step SFT start, "
+            f"{spec['rounds']} rounds of {spec['prompts_per_round']} prompts (one sample each, "
+            f"T=1, at most {spec['max_tokens']} tokens) and {spec['steps_per_round']} steps of "
+            f"{spec['batch_size']} rows per round, lr {spec['lr']}, seeds {spec['seeds']}. "
+            f"Wall time {meta['wall_s']:.0f} s."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -369,16 +393,21 @@ def run_demo(spec: DemoSpec, log: Log = print) -> dict[str, Any]:
         "wall_s": time.perf_counter() - started,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
-    doc = merge_results(spec.out / "results.json", rows, meta)
-    table = render_markdown(doc["rows"], meta)
-    (spec.out / "results.md").write_text(table)
-    plot(doc["rows"], spec.out / "accuracy.png")
+    return publish(spec.out, rows, meta, "distill", log)
+
+
+def publish(out: Path, rows: list[dict], meta: dict[str, Any], demo: str, log: Log) -> dict:
+    """Merge this demo's rows into results.json, rewrite results.md and the plot, report."""
+    doc = merge_results(out / "results.json", rows, meta, demo)
+    table = render_markdown(doc["rows"], doc["demos"])
+    (out / "results.md").write_text(table)
+    plot(doc["rows"], out / "accuracy.png")
     log("")
     log(table)
     log(
-        f"[demo] done in {meta['wall_s']:.0f} s "
-        + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items())
-        + f"; wrote {spec.out}/results.json, results.md, accuracy.png"
+        f"[{demo}] done in {meta['wall_s']:.0f} s ("
+        + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in meta["timings_s"].items())
+        + f"); wrote {out}/results.json, results.md, accuracy.png"
     )
     return doc
 
