@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -119,3 +123,31 @@ def train_cache(tmp_path_factory, teacher_dir, dask_client) -> Path:
 def heldout_cache(tmp_path_factory, teacher_dir, dask_client) -> Path:
     """The same for 128 held-out rows: what evaluation scores against."""
     return _task_cache(tmp_path_factory, teacher_dir, dask_client, "heldout", 128)
+
+
+def cli_env() -> dict[str, str]:
+    """The environment a CLI subprocess of the tests runs in (this checkout importable)."""
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+
+def sigkill_when(command: list[str], ready: Callable[[], bool], timeout_s: float = 400) -> None:
+    """Run ``command`` in a session of its own and SIGKILL the whole group (the driver, its
+    Dask workers and their vLLM processes) as soon as ``ready()``; fail if it ends first."""
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=cli_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -6,12 +6,9 @@ rerun, and a run that finds corrupted shards, must both end with the same rows.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import datasets
@@ -22,7 +19,15 @@ import yaml
 from pipeline.config import CacheTeacherConfig
 from pipeline.execute import run_cache_teacher
 from storage.reader import LogitBatch, ShardSet
-from tests.conftest import BUNDLED_PROMPTS, REPO_ROOT, TEST_K, read_jsonl, write_jsonl
+from tests.conftest import (
+    BUNDLED_PROMPTS,
+    REPO_ROOT,
+    TEST_K,
+    cli_env,
+    read_jsonl,
+    sigkill_when,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -159,33 +164,17 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(reference_run, tmp_path
     )
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(settings))
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     done_dir = out / ".logitforge" / "done"
-    proc = subprocess.Popen(
+    sigkill_when(
         _cli(config),
-        cwd=REPO_ROOT,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        lambda: done_dir.exists() and any(done_dir.glob("*.json")),
+        timeout_s=600,
     )
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:
-            if done_dir.exists() and any(done_dir.glob("*.json")):
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Dask workers and vLLM processes
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     finished_before = len(list(done_dir.glob("*.json")))
     assert 0 < finished_before < 25  # 400 rows / 16 = 25 shards: killed mid-run
 
     rerun = subprocess.run(
-        _cli(config), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900
+        _cli(config), cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=900
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming" in rerun.stdout

@@ -10,10 +10,12 @@ from pydantic import ValidationError
 from pipeline.config import (
     CacheTeacherConfig,
     DistillConfig,
+    RolloutConfig,
     apply_overrides,
     fingerprint,
     load_config,
 )
+from pipeline.onpolicy import OnPolicyConfig
 from tests.conftest import REPO_ROOT
 
 SHIPPED = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -22,13 +24,15 @@ KINDS = {
     "cache-teacher.yaml": CacheTeacherConfig,
     "generate-teacher.yaml": CacheTeacherConfig,
     "distill.yaml": DistillConfig,
+    "rollout.yaml": RolloutConfig,
+    "onpolicy.yaml": OnPolicyConfig,
 }
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_every_shipped_config_validates(path: Path):
     cfg = load_config(path, model=KINDS[path.name])
-    if isinstance(cfg, CacheTeacherConfig):
+    if isinstance(cfg, (CacheTeacherConfig, RolloutConfig, OnPolicyConfig)):
         assert (REPO_ROOT / cfg.input.path).exists() or "://" in cfg.input.path
 
 

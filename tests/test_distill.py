@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ from pipeline.config import DistillConfig
 from pipeline.distill import run_distill
 from stages.train.loader import SourceError
 from storage.manifest import PlanMismatchError
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, cli_env, sigkill_when
 
 pytestmark = pytest.mark.slow
 
@@ -107,31 +104,13 @@ def test_sigkill_mid_training_then_rerun_resumes_to_the_same_model(
     settings["train"].update(steps=60, save_steps=10)
     config = tmp_path / "distill.yaml"
     config.write_text(yaml.safe_dump(settings))
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen(
-        _cli(config),
-        cwd=REPO_ROOT,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     marker = tmp_path / "killed" / "checkpoint-20" / "trainer_state.json"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None and not marker.exists():
-            time.sleep(0.02)
-        assert proc.poll() is None, "training ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    sigkill_when(_cli(config), marker.exists, timeout_s=300)
     assert not (tmp_path / "killed" / "train_summary.json").exists()
     assert not (tmp_path / "killed" / "checkpoint-60").exists()
 
     rerun = subprocess.run(
-        _cli(config), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+        _cli(config), cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=600
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming from" in rerun.stdout and "checkpoint-" in rerun.stdout
