@@ -20,7 +20,7 @@ from distributed import Client, LocalCluster, as_completed
 
 from pipeline.config import ClusterOptions, RolloutConfig, ShardJobConfig
 from pipeline.plan import make_plan
-from pipeline.workers import ensure_engine_plugin, worker_engine, worker_plugin
+from pipeline.workers import close_engines, ensure_engine_plugin, worker_engine, worker_plugin
 from stages.rollout import RolloutShardTask, run_rollout_shard
 from stages.teacher.engine import LOGPROBS_MODE
 from stages.teacher.stage import TeacherShardTask, run_teacher_shard
@@ -138,7 +138,10 @@ def dask_client(cluster_options: ClusterOptions, log: Log) -> Iterator[Client]:
         )
         with cluster, Client(cluster) as client:
             log(f"started LocalCluster with {opts.n_workers} worker process(es)")
-            yield client
+            try:
+                yield client
+            finally:
+                close_engines(client)
 
 
 def output_kind(cfg: ShardJobConfig, plan: Plan) -> str:

@@ -70,6 +70,9 @@ def dask_client():
         )
     client = Client(cluster)
     yield client
+    from pipeline.workers import close_engines
+
+    close_engines(client)  # no vLLM process may outlive the session
     client.close()
     cluster.close()
 
