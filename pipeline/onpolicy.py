@@ -188,7 +188,8 @@ def _switch_seconds(rollouts: Path) -> dict[str, float]:
         record = read_done(layout, i)
         for key, value in (record.timings if record else {}).items():
             if key.startswith("policy_"):
-                out[key[len("policy_") :]] = out.get(key[len("policy_") :], 0.0) + value
+                how = key.removeprefix("policy_")
+                out[how] = out.get(how, 0.0) + value
     return out
 
 
