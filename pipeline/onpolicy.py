@@ -39,7 +39,8 @@ from pipeline.config import (
     claim_run_folder,
     fingerprint,
 )
-from stages.prompts import InputOptions, PrepareOptions, load_rows
+from stages.prompts import InputError, InputOptions, PrepareOptions, load_rows
+from stages.prompts.records import INVALID_JSON
 from stages.teacher import GenerationOptions, TeacherOptions
 from stages.train.options import LossOptions, StudentOptions, TrainOptions
 from storage.layout import ShardSetLayout
@@ -305,6 +306,24 @@ def read_round(root: Path, r: int) -> dict[str, Any] | None:
         return None
 
 
+def _prompt_rows(cfg: OnPolicyConfig, log: Log) -> list[dict]:
+    """The input rows the rounds draw from; a JSONL line that is not JSON follows on_invalid."""
+    loaded = load_rows(cfg.input)
+    if loaded.bad_json:
+        g = min(loaded.bad_json)
+        if cfg.prompts.on_invalid == "error":
+            raise InputError(
+                g,
+                None,
+                INVALID_JSON,
+                loaded.bad_json[g],
+                line=loaded.line(g - loaded.start),
+                source=loaded.source,
+            )
+        log(f"skipping {len(loaded.bad_json)} input line(s) that are not JSON objects")
+    return [r for i, r in enumerate(loaded.rows) if loaded.start + i not in loaded.bad_json]
+
+
 def run_onpolicy(cfg: OnPolicyConfig, *, client: Any = None, log: Log = print) -> dict[str, Any]:
     """Run (or continue) every round; returns the summary (also in onpolicy_summary.json)."""
     import contextlib
@@ -316,7 +335,7 @@ def run_onpolicy(cfg: OnPolicyConfig, *, client: Any = None, log: Log = print) -
     fp = fingerprint(cfg.output_defining())
     claim_run_folder(root, RUN_FILE, fp, cfg.output_defining(), cfg.overwrite, log)
     policy, version = initial_policy(cfg, root), "init"
-    rows = load_rows(cfg.input).rows
+    rows = _prompt_rows(cfg, log)
     if len(rows) < cfg.onpolicy.prompts_per_round:
         # A round's window would wrap onto itself: the same prompt (and id) twice.
         raise ValueError(

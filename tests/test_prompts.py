@@ -462,14 +462,21 @@ def test_jsonl_loading_blank_lines_limit_and_lines(tmp_path, tok):
     assert len(load_rows(InputOptions(path=str(path), limit=2))) == 2
 
 
-def test_jsonl_invalid_json_always_errors_with_line(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, "", '{"text": "b"', "[1, 2]"])
+def test_jsonl_invalid_json_errors_with_line_or_is_a_counted_skip(tmp_path, tok):
+    lines = [{"text": "a"}, "", '{"text": "b"', "[1, 2]", '{"text": "c\u0001 \x01"}', {"text": "d"}]
+    path = write_jsonl(tmp_path / "d.jsonl", lines)
+    rows = load_rows(InputOptions(path=str(path)))
+    assert rows.lines == [1, 3, 4, 5, 6] and sorted(rows.bad_json) == [1, 2, 3]
     with pytest.raises(InputError, match=r"^input row 1 \(line 3 of d.jsonl\): invalid JSON") as e:
-        load_rows(InputOptions(path=str(path)))
+        prep(rows, tok)
     assert (e.value.row, e.value.line, e.value.reason) == (1, 3, "invalid_json")
-    path = write_jsonl(tmp_path / "e.jsonl", [{"text": "a"}, "[1, 2]"])
-    with pytest.raises(InputError, match=r"line 2 of e.jsonl\): line holds a JSON list"):
-        load_rows(InputOptions(path=str(path)))
+    # A raw control character (a user's case: "Invalid control character") is the same.
+    assert "Invalid control character" in rows.bad_json[3]
+    assert "line holds a JSON list" in rows.bad_json[2]
+    skipped = prep(rows, tok, on_invalid="skip")
+    assert skipped.table.column("text").to_pylist() == ["a", "d"]
+    assert skipped.skip_counts() == {"invalid_json": 3}
+    assert [s.row for s in skipped.skipped] == [1, 2, 3]
     # Lines past the limit are never read.
     assert len(load_rows(InputOptions(path=str(path), limit=1))) == 1
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .options import InputOptions
-from .records import INVALID_JSON, InputError
 
 Format = Literal["jsonl", "parquet", "datasets"]
 _CHUNK = 1 << 20
@@ -33,6 +32,9 @@ class InputRows:
     source: str | None = None  # file or dataset name for messages
     lines: list[int] | None = None  # [len(rows)] 1-based JSONL line numbers
     bad_utf8: dict[int, str] = field(default_factory=dict)  # global row -> what was wrong
+    # global row -> why its JSONL line is not a JSON object; the row itself is an empty dict
+    # placeholder, so the line keeps its row number and is skipped or reported like any row.
+    bad_json: dict[int, str] = field(default_factory=dict)
     start: int = 0
 
     def __len__(self) -> int:
@@ -53,6 +55,7 @@ class InputRows:
             source=self.source,
             lines=self.lines[begin:end] if self.lines is not None else None,
             bad_utf8={r: d for r, d in self.bad_utf8.items() if lo <= r < hi},
+            bad_json={r: d for r, d in self.bad_json.items() if lo <= r < hi},
             start=lo,
         )
 
@@ -97,6 +100,7 @@ def _read_jsonl(path: Path, limit: int | None) -> InputRows:
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
     bad: dict[int, str] = {}
+    bad_json: dict[int, str] = {}
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if limit is not None and len(rows) >= limit:
@@ -117,26 +121,14 @@ def _read_jsonl(path: Path, limit: int | None) -> InputRows:
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                raise InputError(
-                    len(rows),
-                    None,
-                    INVALID_JSON,
-                    f"invalid JSON: {e.msg} (column {e.colno})",
-                    line=lineno,
-                    source=path.name,
-                ) from None
+                bad_json[len(rows)] = f"invalid JSON: {e.msg} (column {e.colno})"
+                obj = {}
             if not isinstance(obj, dict):
-                raise InputError(
-                    len(rows),
-                    None,
-                    INVALID_JSON,
-                    f"line holds a JSON {type(obj).__name__}, not an object",
-                    line=lineno,
-                    source=path.name,
-                )
+                bad_json[len(rows)] = f"line holds a JSON {type(obj).__name__}, not an object"
+                obj = {}
             rows.append(obj)
             lines.append(lineno)
-    return InputRows(rows=rows, source=path.name, lines=lines, bad_utf8=bad)
+    return InputRows(rows=rows, source=path.name, lines=lines, bad_utf8=bad, bad_json=bad_json)
 
 
 def _read_parquet(path: Path, limit: int | None) -> InputRows:
@@ -180,8 +172,9 @@ def _read_datasets(opts: InputOptions) -> InputRows:
 def load_rows(opts: InputOptions) -> InputRows:
     """All input rows (up to ``opts.limit``) as dicts, with their provenance.
 
-    Raises `InputError` (reason ``invalid_json``) for a JSONL line that is not a JSON object:
-    such a line is not a data row, so it cannot be skipped and counted like one.
+    A JSONL line that is not a JSON object becomes an empty placeholder row listed in
+    ``bad_json``: preparing the rows reports it by line (``on_invalid: error``) or skips and
+    counts it as ``invalid_json`` (``on_invalid: skip``), like any other invalid row.
     """
     fmt = resolve_format(opts)
     path = Path(opts.path)

@@ -16,6 +16,7 @@ from .options import InputOptions, PrepareOptions
 from .records import (
     DUPLICATE_ID,
     EMPTY_TEXT,
+    INVALID_JSON,
     INVALID_UTF8,
     TOO_LONG,
     WRONG_TYPE,
@@ -71,6 +72,8 @@ def _validate(
         g = rows.start + i
         row_id = None
         try:
+            if g in rows.bad_json:  # an error, or with on_invalid: skip a counted skip
+                raise RowProblem(INVALID_JSON, rows.bad_json[g])
             if not isinstance(row, Mapping):
                 raise RowProblem(WRONG_TYPE, f"row is {type(row).__name__}, not a dict")
             try:

@@ -15,7 +15,7 @@ WRONG_TYPE = "wrong_type"
 DUPLICATE_ID = "duplicate_id"
 TOO_LONG = "too_long"
 TEMPLATE_ERROR = "template_error"  # the chat template raised on this row (e.g. roles order)
-INVALID_JSON = "invalid_json"  # JSONL line that is not a JSON object: always an error
+INVALID_JSON = "invalid_json"  # JSONL line that is not a JSON object
 
 
 def describe_row(
