@@ -13,27 +13,39 @@ from pathlib import Path
 DEFAULT_CONFIG = "configs/cache-teacher.yaml"
 
 
+def _overrides(args: argparse.Namespace, **keys: str) -> list[str]:
+    """The `--set` overrides, then one per CLI flag given (flag name -> config key)."""
+    overrides = list(args.set or [])
+    for flag, key in keys.items():
+        value = getattr(args, flag)
+        if value:
+            overrides.append(f"{key}={'true' if value is True else value}")
+    return overrides
+
+
+def _write_json(path: str | None, data: object) -> None:
+    if path:
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
 def _cache_teacher(args: argparse.Namespace) -> int:
     from pipeline.config import CacheTeacherConfig, RolloutConfig, load_config
     from pipeline.execute import run_cache_teacher
 
-    overrides = list(args.set or [])
-    if args.output:
-        overrides.append(f"output.path={args.output}")
-    if args.scheduler:
-        overrides.append(f"cluster.scheduler={args.scheduler}")
-    if args.n_workers:
-        overrides.append(f"cluster.n_workers={args.n_workers}")
-    if args.overwrite:
-        overrides.append("output.overwrite=true")
+    overrides = _overrides(
+        args,
+        output="output.path",
+        scheduler="cluster.scheduler",
+        n_workers="cluster.n_workers",
+        overwrite="output.overwrite",
+    )
     model = RolloutConfig if args.command == "rollout" else CacheTeacherConfig
     cfg = load_config(args.config, overrides, model)
     if args.command == "generate-teacher" and cfg.generation is None:
         raise ValueError(f"{args.config} has no `generation:` section; generate-teacher needs one")
     summary = run_cache_teacher(cfg, log=lambda msg: print(msg, flush=True))
     print(summary.render(), flush=True)
-    if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
+    _write_json(args.summary_json, summary.as_dict())
     return 0
 
 
@@ -41,15 +53,10 @@ def _distill(args: argparse.Namespace) -> int:
     from pipeline.config import DistillConfig, load_config
     from pipeline.distill import run_distill
 
-    overrides = list(args.set or [])
-    if args.output:
-        overrides.append(f"train.output_dir={args.output}")
-    if args.overwrite:
-        overrides.append("overwrite=true")
+    overrides = _overrides(args, output="train.output_dir", overwrite="overwrite")
     cfg = load_config(args.config, overrides, DistillConfig)
     summary = run_distill(cfg, log=lambda msg: print(msg, flush=True))
-    if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+    _write_json(args.summary_json, summary)
     return 0
 
 
@@ -57,17 +64,12 @@ def _onpolicy(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.onpolicy import OnPolicyConfig, run_onpolicy
 
-    overrides = list(args.set or [])
-    if args.output:
-        overrides.append(f"train.output_dir={args.output}")
-    if args.scheduler:
-        overrides.append(f"cluster.scheduler={args.scheduler}")
-    if args.overwrite:
-        overrides.append("overwrite=true")
+    overrides = _overrides(
+        args, output="train.output_dir", scheduler="cluster.scheduler", overwrite="overwrite"
+    )
     cfg = load_config(args.config, overrides, OnPolicyConfig)
     summary = run_onpolicy(cfg, log=lambda msg: print(msg, flush=True))
-    if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+    _write_json(args.summary_json, summary)
     return 0
 
 
@@ -81,8 +83,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     opts = EvalOptions.model_validate(apply_overrides(data, list(args.set or [])))
     results = evaluate_checkpoints(args.model, opts, log=lambda msg: print(msg, flush=True))
     print(render_table(results), flush=True)
-    if args.output_json:
-        Path(args.output_json).write_text(json.dumps(results, indent=2) + "\n")
+    _write_json(args.output_json, results)
     return 0
 
 

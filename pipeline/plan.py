@@ -111,10 +111,13 @@ def _prompt_shards_intact(layout: ShardSetLayout, plan: Plan) -> bool:
 
 
 def _prepare(
-    cfg: ShardJobConfig, tokenizer: Any, tok_fp: str, max_len: int
+    cfg: ShardJobConfig, tokenizer: Any, tok_fp: str, max_len: int, tokenized: bool
 ) -> tuple[PreparedPrompts, str]:
-    """The input's rows as a prompt table, and the kind of input (``rows`` or a set's kind)."""
-    if is_shard_set(cfg.input.path):  # already tokenized (e.g. rollouts to score)
+    """The input's rows as a prompt table, and the kind of input (``rows`` or a set's kind).
+
+    ``tokenized``: the input is a shard set (e.g. rollouts to score), read as it is.
+    """
+    if tokenized:
         prepared, metadata = read_shard_set_rows(cfg.input, cfg.prompts, tok_fp, max_len)
         return prepared, metadata.kind
     rows = load_rows(cfg.input)
@@ -127,10 +130,8 @@ def make_plan(cfg: ShardJobConfig, layout: ShardSetLayout, log=print) -> PlanOut
     tokenizer = load_tokenizer(cfg)
     tok_fp = tokenizer_fingerprint(tokenizer)
     max_len = max_row_tokens(cfg)
-    if is_shard_set(cfg.input.path):
-        input_fp = shard_set_fingerprint(cfg.input.path)
-    else:
-        input_fp = input_fingerprint(cfg.input)
+    tokenized = is_shard_set(cfg.input.path)
+    input_fp = shard_set_fingerprint(cfg.input.path) if tokenized else input_fingerprint(cfg.input)
     fp = plan_fingerprint(cfg, input_fp, tok_fp, max_len)
 
     existing = read_plan(layout)
@@ -160,7 +161,7 @@ def make_plan(cfg: ShardJobConfig, layout: ShardSetLayout, log=print) -> PlanOut
     if existing is not None and _prompt_shards_intact(layout, existing):
         return PlanOutcome(existing, reused=True, tokenizer_fingerprint=tok_fp)
 
-    prepared, input_kind = _prepare(cfg, tokenizer, tok_fp, max_len)
+    prepared, input_kind = _prepare(cfg, tokenizer, tok_fp, max_len, tokenized)
     table = prepared.table
     if table.num_rows == 0:
         raise EmptyInputError(

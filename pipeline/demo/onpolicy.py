@@ -36,6 +36,7 @@ from pipeline.demo.run import (
     make_caches,
     publish,
     teacher_row,
+    train_section,
 )
 
 
@@ -95,20 +96,6 @@ class OnPolicySpec:
         }
 
 
-def _train(out: Path, seed: int, steps: int, lr: float, warmup: int) -> dict[str, Any]:
-    return {
-        "output_dir": str(out),
-        "steps": steps,
-        "lr": lr,
-        "warmup_steps": warmup,
-        "min_lr_ratio": 1.0 if warmup == 0 else 0.05,
-        "seed": seed,
-        "save_steps": steps,
-        "logging_steps": steps,
-        "threads": 2,
-    }
-
-
 def train_init(spec: OnPolicySpec, caches: dict[str, Path], seed: int, log: Log) -> str:
     """The SFT start of one seed: hard labels on the ground-truth cache."""
     from pipeline.config import DistillConfig
@@ -121,7 +108,9 @@ def train_init(spec: OnPolicySpec, caches: dict[str, Path], seed: int, log: Log)
             "data": {"sources": [str(caches["train"])], "batch_size": spec.base.batch_size},
             "loss": {"kind": "ce"},
             "overwrite": True,
-            "train": _train(out, seed, spec.init_steps, spec.base.lr, spec.base.warmup_steps),
+            "train": train_section(
+                out, seed, spec.init_steps, spec.base.lr, spec.base.warmup_steps
+            ),
         }
     )
     summary = run_distill(cfg, log=lambda _: None)
@@ -129,8 +118,11 @@ def train_init(spec: OnPolicySpec, caches: dict[str, Path], seed: int, log: Log)
     return str(out)
 
 
-def budget_cache(spec: OnPolicySpec, rows: int, client: Any, log: Log) -> Path:
-    """A cache of the first ``rows`` training prompts: the off-policy control's budget."""
+def budget_cache(
+    spec: OnPolicySpec, rows: int, client: Any, log: Log
+) -> tuple[Path, dict[str, int]]:
+    """A cache of the first ``rows`` training prompts (the off-policy control's budget), and
+    its rows and teacher tokens."""
     from pipeline.config import CacheTeacherConfig
     from pipeline.demo.run import _cache_config
     from pipeline.execute import run_cache_teacher
@@ -143,7 +135,7 @@ def budget_cache(spec: OnPolicySpec, rows: int, client: Any, log: Log) -> Path:
         CacheTeacherConfig.model_validate(cfg), client=client, log=lambda _: None
     )
     log(f"[demo-onpolicy] budget cache: {summary.rows:,} rows, {summary.tokens:,} tokens")
-    return out
+    return out, {"rows": summary.rows, "tokens": summary.tokens}
 
 
 def run_method(
@@ -178,7 +170,7 @@ def run_method(
                 "shuffle_seed": seed,
             },
             "loss": method.loss,
-            "train": _train(out, seed, spec.steps_per_round, spec.lr, 0),
+            "train": train_section(out, seed, spec.steps_per_round, spec.lr, 0),
             "rows_per_shard": spec.prompts_per_round,
             "overwrite": True,
         }
@@ -199,7 +191,7 @@ def run_control(spec: OnPolicySpec, init: str, seed: int, cache: Path) -> dict[s
             "data": {"sources": [str(cache)], "batch_size": spec.batch_size},
             "loss": {"kind": "forward_kl"},
             "overwrite": True,
-            "train": _train(out, seed, steps, spec.lr, 0),
+            "train": train_section(out, seed, steps, spec.lr, 0),
         }
     )
     return run_distill(cfg, log=lambda _: None)
@@ -267,7 +259,7 @@ def run_demo(spec: OnPolicySpec, log: Log = print) -> dict[str, Any]:
             runs.setdefault(method.name, {})[seed] = summary
         # As many ground-truth rows as the rounds sampled: a row is a prompt, its answer and
         # EOS either way, so the teacher scores about as many tokens (both are reported).
-        budget = budget_cache(spec, spec.rounds * spec.prompts_per_round, client, log)
+        budget, budget_meta = budget_cache(spec, spec.rounds * spec.prompts_per_round, client, log)
     timings["onpolicy_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -328,7 +320,6 @@ def run_demo(spec: OnPolicySpec, log: Log = print) -> dict[str, Any]:
                 ),
             )
         )
-    budget_meta = _budget_tokens(budget)
     rows.append(
         _row(
             "soft-kd-budget",
@@ -348,15 +339,6 @@ def run_demo(spec: OnPolicySpec, log: Log = print) -> dict[str, Any]:
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     return publish(base.out, rows, meta, "onpolicy", log)
-
-
-def _budget_tokens(cache: Path) -> dict[str, int]:
-    from storage.manifest import read_done
-    from storage.reader import ShardSet
-
-    shard_set = ShardSet.open(str(cache))
-    records = [read_done(shard_set.layout, i) for i in range(shard_set.plan.num_shards)]
-    return {"rows": sum(r.rows for r in records), "tokens": sum(r.tokens for r in records)}
 
 
 def main(argv: list[str] | None = None) -> int:

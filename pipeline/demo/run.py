@@ -167,6 +167,22 @@ def make_caches(spec: DemoSpec, teacher_build: str, log: Log) -> dict[str, Path]
     return {name: out for name, (_, out, _) in caches.items()}
 
 
+def train_section(out: Path, seed: int, steps: int, lr: float, warmup: int) -> dict[str, Any]:
+    """A demo student's `train` section: one checkpoint and one log line, at the end, on the
+    2 cores; with no warm-up the LR is constant (continued training), else cosine decay."""
+    return {
+        "output_dir": str(out),
+        "steps": steps,
+        "lr": lr,
+        "warmup_steps": warmup,
+        "min_lr_ratio": 1.0 if warmup == 0 else 0.05,
+        "seed": seed,
+        "save_steps": steps,
+        "logging_steps": steps,
+        "threads": 2,
+    }
+
+
 def train_students(spec: DemoSpec, caches: dict[str, Path], log: Log) -> dict[str, list[dict]]:
     """One `distill` run per method and seed; finished runs are reused."""
     from pipeline.config import DistillConfig
@@ -189,16 +205,7 @@ def train_students(spec: DemoSpec, caches: dict[str, Path], log: Log) -> dict[st
                     },
                     "loss": method.loss,
                     "overwrite": True,  # the demo owns its folders: a changed method retrains
-                    "train": {
-                        "output_dir": str(out),
-                        "steps": spec.steps,
-                        "lr": spec.lr,
-                        "warmup_steps": spec.warmup_steps,
-                        "seed": seed,
-                        "save_steps": spec.steps,
-                        "logging_steps": spec.steps,
-                        "threads": 2,
-                    },
+                    "train": train_section(out, seed, spec.steps, spec.lr, spec.warmup_steps),
                 }
             )
             t0 = time.perf_counter()
