@@ -3,6 +3,7 @@
 #   make test            run the test suite (real vLLM, real Dask cluster)
 #   make bench           capture throughput vs the compute floor -> bench/results/*.json
 #   make demo            cache, generate, distill 5 ways x 3 seeds, evaluate -> artifacts/demo/
+#   make demo-xtok       a student with another tokenizer from the same cache -> same results
 #   make demo-onpolicy   on-policy rounds vs off-policy at equal teacher budget -> same results
 
 PYTHON ?= python3
@@ -17,7 +18,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: install teacher cache-teacher generate-teacher distill rollout onpolicy demo \
-	demo-onpolicy test bench lint format clean
+	demo-xtok demo-onpolicy test bench lint format clean
 
 install: $(STAMP)
 
@@ -58,6 +59,9 @@ onpolicy: distill
 
 demo: teacher
 	$(VENV)/bin/logitforge demo $(ARGS)
+
+demo-xtok: teacher
+	$(VENV)/bin/logitforge demo-xtok $(ARGS)
 
 demo-onpolicy: teacher
 	$(VENV)/bin/logitforge demo-onpolicy $(ARGS)

@@ -20,12 +20,36 @@ def _tokens(batch) -> int:
     return int(batch["attention_mask"].sum())
 
 
-def loader_rate(cache: Path, batch_size: int, batches: int, cache_mb: int) -> float:
-    """Tokens/s of `DistillDataset` over ``batches`` batches (after one warm-up epoch if cached)."""
+def cross_tokenizer_aligner(cache: Path):
+    """An aligner from the cache's teacher to a ByteLevel BPE that merges digits (the
+    cross-tokenizer demo's student tokenizer): spans are 1:1 and n:1."""
+    from pipeline.demo.build import _tokenizer_corpus
+    from pipeline.demo.run import XTOK_VOCAB_SIZE
+    from pipeline.demo.task import DEFAULT_TASK
+    from pipeline.demo.tokenizers import byte_level_bpe
+    from stages.align.aligner import Aligner
+    from stages.train.loader import open_sources
+    from stages.train.student import load_tokenizer
+
+    teacher = load_tokenizer(open_sources([str(cache)])[0].metadata.teacher_model)
+    student = byte_level_bpe(_tokenizer_corpus(DEFAULT_TASK, 0), XTOK_VOCAB_SIZE)
+    return Aligner(teacher, student)
+
+
+def loader_rate(
+    cache: Path, batch_size: int, batches: int, cache_mb: int, aligner: object = None
+) -> float:
+    """Tokens/s of `DistillDataset` over ``batches`` batches (after one warm-up epoch if
+    cached); with ``aligner``, every shard read is also re-cut into the student's tokens."""
     from stages.train.loader import DistillDataset, open_sources
 
     ds = DistillDataset(
-        open_sources([str(cache)]), batch_size=batch_size, pad_id=0, repeat=True, cache_mb=cache_mb
+        open_sources([str(cache)]),
+        batch_size=batch_size,
+        pad_id=0,
+        repeat=True,
+        cache_mb=cache_mb,
+        aligner=aligner,  # type: ignore[arg-type]
     )
     it = iter(ds)
     if cache_mb:
@@ -99,6 +123,8 @@ def bench_loader(cache: Path, batch_size: int = 128, batches: int = 100, threads
     print(f"== loader vs training step on {cache} (batch {batch_size} rows)", flush=True)
     streaming = loader_rate(cache, batch_size, batches, cache_mb=0)
     cached = loader_rate(cache, batch_size, batches, cache_mb=1024)
+    # Cross-tokenizer training aligns on the fly, once per shard read: what that costs.
+    aligned = loader_rate(cache, batch_size, batches, 0, cross_tokenizer_aligner(cache))
     students = {
         name: step_rate(cache, batch_size, max(10, batches // 4), arch, threads)
         for name, arch in STUDENTS.items()
@@ -106,11 +132,14 @@ def bench_loader(cache: Path, batch_size: int = 128, batches: int = 100, threads
     for s in students.values():
         s["streaming_over_step"] = streaming / s["tokens_per_s"]
         s["cached_over_step"] = cached / s["tokens_per_s"]
+        s["aligned_streaming_over_step"] = aligned / s["tokens_per_s"]
     return {
         "cache": str(cache),
         "batch_size": batch_size,
         "loader_streaming_tokens_per_s": streaming,
         "loader_cached_tokens_per_s": cached,
+        "loader_streaming_aligned_tokens_per_s": aligned,
+        "aligned_over_streaming": aligned / streaming,
         "students": students,
     }
 
@@ -122,8 +151,9 @@ def render(result: dict) -> str:
     )
     lines = [
         f"loader: streaming {result['loader_streaming_tokens_per_s']:,.0f} tokens/s, "
-        f"cached {result['loader_cached_tokens_per_s']:,.0f} tokens/s "
-        f"(batch {result['batch_size']} rows)",
+        f"cached {result['loader_cached_tokens_per_s']:,.0f} tokens/s, streaming with "
+        f"cross-tokenizer alignment {result['loader_streaming_aligned_tokens_per_s']:,.0f} "
+        f"tokens/s (batch {result['batch_size']} rows)",
         head,
         "-" * len(head),
     ]

@@ -13,7 +13,10 @@ Plus bytes/token on disk for each codec at the same k, encoded from the same tea
 
 Plus the student loader's tokens/s against a training step's consumption (bench/loader.py).
 
-    python -m bench.run [--suite tiny|llama45m|loader|all] [--rows N] [--seq-len N] [--k 64]
+Plus cross-tokenizer alignment: vectorised `align_spans` against its per-token reference on
+the same rows, and `Aligner.align` end to end (bench/align.py; a few seconds, no teacher).
+
+    python -m bench.run [--suite tiny|llama45m|loader|align|all] [--rows N] [--seq-len N] [--k 64]
 """
 
 from __future__ import annotations
@@ -230,14 +233,16 @@ def _has_cuda() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=["tiny", "llama45m", "loader", "all"], default="all")
+    parser.add_argument(
+        "--suite", choices=["tiny", "llama45m", "loader", "align", "all"], default="all"
+    )
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    teacher = _teacher_dir()
+    teacher = _teacher_dir() if args.suite != "align" else None
     suites = []
     if args.suite in ("tiny", "loader", "all"):
         suites.append(
@@ -267,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         if not (cache / ".logitforge" / "plan.json").exists():
             run_pipeline(suites[0], args.k, cache)
         loader = report["loader"] = bench_loader(cache)
+    align = None
+    if args.suite in ("align", "all"):
+        from bench.align import bench_align
+
+        align = report["align"] = bench_align()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = RESULTS_DIR / f"capture-{stamp}.json"
@@ -278,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.loader import render
 
         print(render(loader))
+    if align is not None:
+        from bench.align import render as render_align
+
+        print(render_align(align))
     print(f"results: {path.relative_to(REPO_ROOT)}")
     return 0
 

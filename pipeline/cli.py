@@ -1,5 +1,5 @@
 """`logitforge` command line: cache-teacher, generate-teacher, rollout, distill, onpolicy,
-evaluate, demo, inspect."""
+evaluate, demo, demo-xtok, demo-onpolicy, inspect."""
 
 from __future__ import annotations
 
@@ -97,6 +97,12 @@ def _demo(args: argparse.Namespace) -> int:
     from pipeline.demo.run import main as demo_main
 
     return demo_main(args.extra)
+
+
+def _demo_xtok(args: argparse.Namespace) -> int:
+    from pipeline.demo.run import main as demo_main
+
+    return demo_main(args.extra, xtok=True)
 
 
 def _demo_onpolicy(args: argparse.Namespace) -> int:
@@ -200,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     demo.set_defaults(func=_demo, passthrough=True)
+
+    demo_xtok = sub.add_parser(
+        "demo-xtok",
+        help="cross-tokenizer rows: a student with another tokenizer from the same cache",
+        add_help=False,
+    )
+    demo_xtok.set_defaults(func=_demo_xtok, passthrough=True)
 
     demo_onpolicy = sub.add_parser(
         "demo-onpolicy",

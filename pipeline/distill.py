@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DistillConfig, claim_run_folder, fingerprint
+from stages.align.aligner import Aligner
 from stages.prompts import tokenizer_fingerprint
 from stages.train.loader import (
     DistillDataset,
@@ -23,7 +24,8 @@ from stages.train.loader import (
     check_tokenizer,
     open_sources,
 )
-from stages.train.student import load_student
+from stages.train.options import CROSS_TOKENIZER_KINDS
+from stages.train.student import load_student, load_tokenizer
 from stages.train.trainer import read_summary, train_model, write_summary
 
 Log = Callable[[str], None]
@@ -48,6 +50,61 @@ def check_loss_data(cfg: DistillConfig, sources: list[LogitSource]) -> None:
             )
 
 
+def cross_tokenizer(
+    cfg: DistillConfig, sources: list[LogitSource], tokenizer: Any, log: Log
+) -> tuple[Aligner | None, dict[str, Any] | None]:
+    """The aligner when training goes through aligned spans, else None (after checking that
+    the cache's token ids are the student's).
+
+    Span losses (uld, hybrid) always align; plain CE aligns when the tokenizers differ (the
+    ground-truth text re-cut for the student: the cross-tokenizer SFT baseline). A sample
+    shard of each source is aligned up front, so a tokenizer that cannot reproduce the text
+    fails here, and its report (rows dropped by reason, span shapes, vocabulary coverage,
+    mapped teacher mass) is logged and kept in the run summary.
+    """
+    student_fp = tokenizer_fingerprint(tokenizer)
+    differ = any(s.metadata.tokenizer_fingerprint != student_fp for s in sources)
+    if cfg.loss.kind not in CROSS_TOKENIZER_KINDS and not (differ and cfg.loss.kind == "ce"):
+        check_tokenizer(sources, student_fp)
+        return None, None
+    teachers = {(s.metadata.teacher_model, s.metadata.tokenizer_fingerprint) for s in sources}
+    if len({fp for _, fp in teachers}) > 1:
+        raise SourceError(
+            "cross-tokenizer training needs every source cached with the same teacher "
+            f"tokenizer; got {sorted(teachers)}"
+        )
+    model_id, fp = next(iter(teachers))
+    try:
+        teacher_tokenizer = load_tokenizer(model_id)
+    except (OSError, ValueError) as e:
+        raise SourceError(
+            f"cannot load the cache's teacher tokenizer {model_id!r} (needed to align the "
+            f"student's tokens to the teacher's): {e}"
+        ) from e
+    if tokenizer_fingerprint(teacher_tokenizer) != fp:
+        raise SourceError(
+            f"the tokenizer at {model_id} is not the one the cache was made with (fingerprint "
+            f"{tokenizer_fingerprint(teacher_tokenizer)}, cache {fp})"
+        )
+    aligner = Aligner(teacher_tokenizer, tokenizer, include_prompt=cfg.data.include_prompt)
+    reports = {}
+    for source in sources:
+        rows, drops = aligner.align(source.read(0))
+        if rows.num_rows == 0:
+            raise SourceError(
+                f"{source.url}: no row of its first shard aligns to the student's tokenizer "
+                f"({dict(drops)})"
+            )
+        reports[source.url] = report = aligner.report(rows, drops)
+        log(
+            f"cross-tokenizer: {source.url} shard 0: {report['rows']} rows aligned, dropped "
+            f"{report['dropped'] or 'none'}; trained spans {report['spans']}; teacher mass on "
+            f"mapped ids {report['mapped_mass']:.1%}"
+        )
+    log(f"cross-tokenizer: vocabulary map {aligner.vocab.coverage()}")
+    return aligner, {"vocab": aligner.vocab.coverage(), "samples": reports}
+
+
 def run_distill(cfg: DistillConfig, log: Log = print) -> dict[str, Any]:
     """Train the student of ``cfg``; returns the run summary (also in train_summary.json)."""
     started = time.perf_counter()
@@ -59,8 +116,8 @@ def run_distill(cfg: DistillConfig, log: Log = print) -> dict[str, Any]:
     model, tokenizer = load_student(
         cfg.student, default_tokenizer=sources[0].metadata.teacher_model, seed=cfg.train.seed
     )
-    # A cache made with another tokenizer fails here, before anything is written.
-    check_tokenizer(sources + mixed, tokenizer_fingerprint(tokenizer))
+    # A cache made with another tokenizer fails here (unless aligned), before anything is written.
+    aligner, alignment = cross_tokenizer(cfg, sources + mixed, tokenizer, log)
     if claim_run_folder(out, RUN_FILE, fp, cfg.output_defining(), cfg.overwrite, log):
         done = read_summary(out)
         if done is not None:
@@ -86,6 +143,7 @@ def run_distill(cfg: DistillConfig, log: Log = print) -> dict[str, Any]:
             shuffle_shards=cfg.data.shuffle_shards,
             seed=seed,
             repeat=True,
+            aligner=aligner,
         )
 
     dataset: DistillDataset | MixtureDataset = stream(sources, cfg.train.seed)
@@ -102,6 +160,7 @@ def run_distill(cfg: DistillConfig, log: Log = print) -> dict[str, Any]:
         cfg.loss,
         tokenizer=tokenizer,
         num_workers=cfg.data.num_workers,
+        vocab_map=None if aligner is None else aligner.vocab,
         log=log,
     )
     summary = {
@@ -113,6 +172,7 @@ def run_distill(cfg: DistillConfig, log: Log = print) -> dict[str, Any]:
             for s in sources
         ],
         "loss": cfg.loss.model_dump(),
+        **({"alignment": alignment} if alignment else {}),
         **result.as_dict(),
         "wall_s": round(time.perf_counter() - started, 2),
     }

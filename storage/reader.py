@@ -53,6 +53,12 @@ class LogitBatch:
     # float32 [T]: the sampling policy's logprob of token j+1 at position j (scored rollouts;
     # NaN where there is none); None for sets without rollout columns.
     policy_logprob: np.ndarray | None = None
+    # The string each row's tokens were cut from and their UTF-8 byte spans int32 [T] (widened
+    # to whole characters, as the prompt stage stores them): what aligning the rows to another
+    # tokenizer needs. None where the batch was built without them.
+    text: list[str] | None = None
+    byte_start: np.ndarray | None = None
+    byte_end: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
@@ -83,6 +89,9 @@ class LogitBatch:
             topk_logprobs=self.topk_logprobs[positions],
             next_logprob=self.next_logprob[positions],
             policy_logprob=None if self.policy_logprob is None else self.policy_logprob[positions],
+            text=None if self.text is None else [self.text[i] for i in rows.tolist()],
+            byte_start=None if self.byte_start is None else self.byte_start[positions],
+            byte_end=None if self.byte_end is None else self.byte_end[positions],
         )
 
     def policy_logprobs(self) -> np.ndarray:
@@ -116,6 +125,12 @@ class LogitBatch:
             policy_logprob=np.concatenate([b.policy_logprobs() for b in batches])
             if any(b.policy_logprob is not None for b in batches)
             else None,
+            # Text and byte spans survive only when every part has them.
+            text=None
+            if any(b.text is None for b in batches)
+            else [t for b in batches for t in b.text],  # type: ignore[union-attr]
+            byte_start=_concat_all([b.byte_start for b in batches]),
+            byte_end=_concat_all([b.byte_end for b in batches]),
         )
 
     def row(self, i: int) -> dict[str, Any]:
@@ -130,6 +145,10 @@ class LogitBatch:
             "next_logprob": self.next_logprob[a:b],
             "policy_logprob": self.policy_logprobs()[a:b],
         }
+
+
+def _concat_all(parts: list[np.ndarray | None]) -> np.ndarray | None:
+    return None if any(p is None for p in parts) else np.concatenate(parts)  # type: ignore[arg-type]
 
 
 def _array(col: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -181,6 +200,12 @@ def decode_logit_table(table: pa.Table, metadata: ShardSetMetadata) -> LogitBatc
         if not np.array_equal(_offsets(column, "policy_logprob"), offsets):
             raise ValueError("column policy_logprob has different row lengths than input_ids")
         policy_lp = _numpy(column.flatten(), np.float32)
+    spans = {}
+    for name in ("byte_start", "byte_end"):
+        column = _array(table.column(name))
+        if not np.array_equal(_offsets(column, name), offsets):
+            raise ValueError(f"column {name} has different row lengths than input_ids")
+        spans[name] = _numpy(column.flatten(), np.int32)
     return LogitBatch(
         ids=table.column("id").to_pylist(),
         row_offsets=offsets,
@@ -190,6 +215,8 @@ def decode_logit_table(table: pa.Table, metadata: ShardSetMetadata) -> LogitBatc
         topk_logprobs=codec.decode(topk_values),
         next_logprob=_numpy(next_lp.flatten(), np.float32),
         policy_logprob=policy_lp,
+        text=table.column("text").to_pylist(),
+        **spans,
     )
 
 

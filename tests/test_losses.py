@@ -25,6 +25,7 @@ from stages.train.losses import (
     teacher_target,
 )
 from stages.train.options import LossKind
+from stages.train.xtok_losses import XTOK_KINDS
 
 INF = float("inf")
 TAILS = ("renorm", "rest")
@@ -735,7 +736,8 @@ def test_sampled_rkl_rejects_bad_shapes(args, kwargs, match):
 
 
 def test_distill_loss_sampled_rkl():
-    assert set(get_args(LossKind)) == set(KINDS)  # the config accepts exactly what runs
+    # The config accepts exactly what runs: the per-token kinds and the span kinds.
+    assert set(get_args(LossKind)) == set(KINDS) | set(XTOK_KINDS)
     kw = {"kind": "sampled_rkl", "next_logprob": TEACHER_NEXT_LP, "policy_logprob": BEHAVIOR}
     s1 = STUDENT_LOGITS.clone().requires_grad_(True)
     s2 = STUDENT_LOGITS.clone().requires_grad_(True)

@@ -43,6 +43,9 @@ class Method:
     source: str  # "train" (teacher-scored ground truth) or "generated" (teacher's own answers)
     loss: dict[str, Any]
     about: str
+    # None: the student shares the teacher's tokenizer; "xtok": the cross-tokenizer demo's
+    # student tokenizer (`student_tokenizer`), trained through aligned spans.
+    tokenizer: str | None = None
 
 
 METHODS = (
@@ -67,6 +70,53 @@ METHODS = (
         "cached top-64, JSD(beta=0.5), T=1, rest bucket",
     ),
 )
+# `make demo-xtok`: a student with a tokenizer of another family (SentencePiece-style Unigram,
+# "▁" Metaspace, byte fallback), distilled from the same teacher cache through aligned spans.
+XTOK_METHODS = (
+    Method(
+        "xtok-sft",
+        "train",
+        {"kind": "ce"},
+        "other tokenizer: ground-truth completions, CE (SFT)",
+        "xtok",
+    ),
+    Method(
+        "xtok-uld",
+        "train",
+        {"kind": "uld", "alpha": 0.5},
+        "other tokenizer: the cache through ULD (+ CE, alpha 0.5)",
+        "xtok",
+    ),
+    Method(
+        "xtok-hybrid",
+        "train",
+        {"kind": "hybrid", "alpha": 0.5, "beta": 0.0},
+        "other tokenizer: the cache through the GOLD hybrid (KL mapped, ULD rest; + CE, alpha 0.5)",
+        "xtok",
+    ),
+)
+ALL_METHODS = METHODS + XTOK_METHODS
+XTOK_VOCAB_SIZE = 400  # trained pieces; the 256 byte-fallback pieces come on top
+
+
+def student_tokenizer(out: Path, log: Log) -> Path:
+    """The cross-tokenizer demo's student tokenizer, trained once on the task text."""
+    from pipeline.demo.build import CHAT_TEMPLATE, DEFAULT_SPEC, _tokenizer_corpus
+    from pipeline.demo.tokenizers import unigram_metaspace
+
+    path = out / "student-tokenizer-unigram"
+    if not (path / "tokenizer.json").exists():
+        tok = unigram_metaspace(
+            _tokenizer_corpus(DEFAULT_SPEC.task, DEFAULT_SPEC.seed),
+            XTOK_VOCAB_SIZE,
+            model_max_length=DEFAULT_SPEC.model.max_position_embeddings,
+            chat_template=CHAT_TEMPLATE,
+        )
+        tok.save_pretrained(str(path))
+        log(
+            f"[demo] student tokenizer: Unigram, Metaspace, byte fallback, {len(tok)} ids: {path}"
+        )
+    return path
 
 
 @dataclass
@@ -92,6 +142,7 @@ class DemoSpec:
         }
     )
     methods: tuple[str, ...] = tuple(m.name for m in METHODS)
+    name: str = "distill"  # this demo's entry under "demos" in results.json
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -189,7 +240,8 @@ def train_students(spec: DemoSpec, caches: dict[str, Path], log: Log) -> dict[st
     from pipeline.distill import run_distill
 
     runs: dict[str, list[dict]] = {}
-    chosen = [m for m in METHODS if m.name in spec.methods]
+    chosen = [m for m in ALL_METHODS if m.name in spec.methods]
+    other = student_tokenizer(spec.out, log) if any(m.tokenizer for m in chosen) else None
     total = len(chosen) * len(spec.seeds)
     done = 0
     for method in chosen:
@@ -198,7 +250,10 @@ def train_students(spec: DemoSpec, caches: dict[str, Path], log: Log) -> dict[st
             out = spec.out / "students" / method.name / f"seed{seed}"
             cfg = DistillConfig.model_validate(
                 {
-                    "student": {"build": spec.student},
+                    "student": {
+                        "build": spec.student,
+                        **({"tokenizer": str(other)} if method.tokenizer else {}),
+                    },
                     "data": {
                         "sources": [str(caches[method.source])],
                         "batch_size": spec.batch_size,
@@ -240,21 +295,29 @@ def teacher_row(teacher: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _mean_or_none(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else statistics.fmean(values)  # type: ignore[arg-type]
+
+
 def summarise(
     spec: DemoSpec,
     teacher: dict[str, Any],
     evals: dict[str, list[dict]],
     runs: dict[str, list[dict]],
 ) -> list[dict[str, Any]]:
-    """One row per method (plus the teacher), with the gap recovered over the baseline."""
+    """One row per method (plus the teacher), with the gap recovered over its baseline: SFT
+    with the same tokenizer (`baseline`, or `xtok-sft` for cross-tokenizer students)."""
     rows: list[dict[str, Any]] = [teacher_row(teacher)]
-    base = (
-        statistics.fmean(r["accuracy"] for r in evals["baseline"]) if "baseline" in evals else None
-    )
-    gap = teacher["accuracy"] - base if base is not None else None
-    for method in METHODS:
+    for method in ALL_METHODS:
         if method.name not in evals:
             continue
+        base_name = "xtok-sft" if method.tokenizer else "baseline"
+        base = (
+            statistics.fmean(r["accuracy"] for r in evals[base_name])
+            if base_name in evals
+            else None
+        )
+        gap = teacher["accuracy"] - base if base is not None else None
         accs = [r["accuracy"] for r in evals[method.name]]
         mean, std = _mean_std(accs)
         rows.append(
@@ -266,8 +329,9 @@ def summarise(
                 "seeds": list(spec.seeds),
                 "accuracies": accs,
                 "gap_recovered": (mean - base) / gap if gap else None,
-                "perplexity": statistics.fmean(r["perplexity"] for r in evals[method.name]),
-                "kl_to_teacher": statistics.fmean(r["kl_to_teacher"] for r in evals[method.name]),
+                **({"gap_baseline": base_name} if method.tokenizer else {}),
+                "perplexity": _mean_or_none([r["perplexity"] for r in evals[method.name]]),
+                "kl_to_teacher": _mean_or_none([r["kl_to_teacher"] for r in evals[method.name]]),
                 "wall_s": statistics.fmean(r["train_seconds"] for r in runs[method.name]),
             }
         )
@@ -306,8 +370,8 @@ def render_markdown(rows: list[dict], demos: dict[str, Any]) -> str:
             gap += f" (vs `{r['gap_baseline']}`)"
         acc = f"{r['accuracy_mean']:.3f}" + (f" ± {r['accuracy_std']:.3f}" if r["seeds"] else "")
         lines.append(
-            f"| `{r['method']}` | {r['about']} | {acc} | {gap} | {r['perplexity']:.3f} "
-            f"| {r['kl_to_teacher']:.4f} | {_cell(r.get('teacher_tokens'), ',.0f')} "
+            f"| `{r['method']}` | {r['about']} | {acc} | {gap} | {_cell(r['perplexity'], '.3f')} "
+            f"| {_cell(r['kl_to_teacher'], '.4f')} | {_cell(r.get('teacher_tokens'), ',.0f')} "
             f"| {_cell(r.get('wall_s'), '.0f')} | {_cell(r.get('round_wall_s'), '.1f')} |"
         )
     lines.append("")
@@ -319,6 +383,16 @@ def render_markdown(rows: list[dict], demos: dict[str, Any]) -> str:
             f"{spec['batch_size']} rows from {spec['n_train']:,} training prompts, seeds "
             f"{spec['seeds']}; held-out: {spec['n_heldout']:,} prompts; teacher cache "
             f"top-{spec['k']}, fp16. Wall time {meta['wall_s']:.0f} s."
+        )
+    if "xtok" in demos:
+        meta = demos["xtok"]
+        spec = meta["spec"]
+        lines.append(
+            f"`make demo-xtok`: the same students, steps and data as `make demo`, with a "
+            f"SentencePiece-style Unigram tokenizer (Metaspace, byte fallback), trained from "
+            f"the same teacher cache through byte-aligned spans; seeds {spec['seeds']}. "
+            f"Perplexity and KL are per teacher token, so they are left blank for these rows. "
+            f"Wall time {meta['wall_s']:.0f} s."
         )
     if "onpolicy" in demos:
         meta = demos["onpolicy"]
@@ -400,7 +474,7 @@ def run_demo(spec: DemoSpec, log: Log = print) -> dict[str, Any]:
         "wall_s": time.perf_counter() - started,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
-    return publish(spec.out, rows, meta, "distill", log)
+    return publish(spec.out, rows, meta, spec.name, log)
 
 
 def publish(out: Path, rows: list[dict], meta: dict[str, Any], demo: str, log: Log) -> dict:
@@ -419,15 +493,19 @@ def publish(out: Path, rows: list[dict], meta: dict[str, Any], demo: str, log: L
     return doc
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="logitforge demo", description=__doc__)
+def main(argv: list[str] | None = None, xtok: bool = False) -> int:
+    """`logitforge demo`, or with ``xtok`` `logitforge demo-xtok` (the cross-tokenizer rows)."""
+    methods = XTOK_METHODS if xtok else METHODS
+    parser = argparse.ArgumentParser(
+        prog="logitforge demo-xtok" if xtok else "logitforge demo", description=__doc__
+    )
     parser.add_argument("--out", type=Path, default=DemoSpec.out)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DemoSpec.seeds))
     parser.add_argument("--steps", type=int, default=DemoSpec.steps)
     parser.add_argument("--n-train", type=int, default=DemoSpec.n_train)
     parser.add_argument("--n-heldout", type=int, default=DemoSpec.n_heldout)
     parser.add_argument(
-        "--only", nargs="+", choices=[m.name for m in METHODS], help="run only these methods"
+        "--only", nargs="+", choices=[m.name for m in methods], help="run only these methods"
     )
     args = parser.parse_args(argv)
     spec = DemoSpec(
@@ -436,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps,
         n_train=args.n_train,
         n_heldout=args.n_heldout,
-        methods=tuple(args.only) if args.only else DemoSpec.methods,
+        methods=tuple(args.only) if args.only else tuple(m.name for m in methods),
+        name="xtok" if xtok else "distill",
     )
     run_demo(spec, log=lambda msg: print(msg, flush=True))
     return 0

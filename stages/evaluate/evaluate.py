@@ -24,7 +24,7 @@ from stages.evaluate.metrics import (
 )
 from stages.prompts import tokenizer_fingerprint
 from stages.teacher.engine import GenerationOptions, TeacherOptions
-from stages.train.loader import DistillDataset, check_tokenizer, open_sources
+from stages.train.loader import DistillDataset, open_sources
 from stages.train.student import load_tokenizer
 
 Log = Callable[[str], None]
@@ -63,7 +63,15 @@ def evaluate_checkpoints(
     try:
         for path in models:
             tokenizer = load_tokenizer(path)
-            check_tokenizer([source], tokenizer_fingerprint(tokenizer))
+            # A model with another tokenizer (a cross-tokenizer student) is prompted with the
+            # prompt text cut by its own tokenizer; per-token perplexity and KL to the teacher
+            # are not comparable across tokenizers and are left out (None).
+            same = tokenizer_fingerprint(tokenizer) == source.metadata.tokenizer_fingerprint
+            prompts = (
+                held.prompts
+                if same
+                else tokenizer(held.prompt_texts, add_special_tokens=True)["input_ids"]
+            )
             t0 = time.perf_counter()
             if engine is not None:
                 try:
@@ -77,15 +85,19 @@ def evaluate_checkpoints(
                 )
             load_s = time.perf_counter() - t0
             t1 = time.perf_counter()
-            generated = engine.generate(held.prompts, generation)
+            generated = engine.generate(prompts, generation)
             answers = decode_answers(tokenizer, generated.token_ids, generated.offsets)
             correct = exact_match(answers, held.references)
             decode_s = time.perf_counter() - t1
-            if batches is None:
-                batches = held_out_batches(
-                    source, pad_id=tokenizer.pad_token_id, batch_size=opts.batch_size
-                )
-            metrics = _forward_metrics(path, batches, opts)
+            metrics: dict[str, float | None] = dict.fromkeys(
+                ("perplexity", "kl_to_teacher", "top1_agreement")
+            )
+            if same:
+                if batches is None:
+                    batches = held_out_batches(
+                        source, pad_id=tokenizer.pad_token_id, batch_size=opts.batch_size
+                    )
+                metrics = {**metrics, **_forward_metrics(path, batches, opts)}
             result = {
                 "model": path,
                 "accuracy": float(correct.mean()),
@@ -96,8 +108,13 @@ def evaluate_checkpoints(
             }
             results.append(result)
             log(
-                f"  {path}: accuracy {result['accuracy']:.3f}, perplexity "
-                f"{result['perplexity']:.3f}, KL to teacher {result['kl_to_teacher']:.4f}"
+                f"  {path}: accuracy {result['accuracy']:.3f}"
+                + (
+                    f", perplexity {result['perplexity']:.3f}, KL to teacher "
+                    f"{result['kl_to_teacher']:.4f}"
+                    if same
+                    else " (another tokenizer: no per-token perplexity or KL)"
+                )
             )
     finally:
         if engine is not None:
@@ -123,8 +140,12 @@ def render_table(results: list[dict[str, Any]]) -> str:
     header = f"{'model':<48} {'accuracy':>9} {'perplexity':>11} {'KL':>8} {'top-1':>7}"
     lines = [header, "-" * len(header)]
     for r in results:
+        cells = [
+            "" if r[key] is None else format(r[key], fmt)
+            for key, fmt in (("perplexity", ">11.4f"), ("kl_to_teacher", ">8.4f"))
+        ] + ["" if r["top1_agreement"] is None else format(r["top1_agreement"], ">7.3f")]
         lines.append(
-            f"{r['model'][-48:]:<48} {r['accuracy']:>9.3f} {r['perplexity']:>11.4f} "
-            f"{r['kl_to_teacher']:>8.4f} {r['top1_agreement']:>7.3f}"
+            f"{r['model'][-48:]:<48} {r['accuracy']:>9.3f} {cells[0]:>11} {cells[1]:>8} "
+            f"{cells[2]:>7}"
         )
     return "\n".join(lines)

@@ -29,9 +29,10 @@ class HeldOut:
     """Prompts and reference completions of a held-out shard set."""
 
     ids: list[str]
-    prompts: list[list[int]]  # prompt token ids per row
+    prompts: list[list[int]]  # prompt token ids per row (the cache's tokenizer)
     references: list[str]  # the completion text per row
     max_completion_tokens: int
+    prompt_texts: list[str]  # the prompt text per row, for a model with another tokenizer
 
 
 def held_out_rows(source: LogitSource, limit: int | None = None) -> HeldOut:
@@ -47,11 +48,14 @@ def held_out_rows(source: LogitSource, limit: int | None = None) -> HeldOut:
     input_ids = table.column("input_ids").to_pylist()
     starts = table.column("byte_start").to_pylist()
     lengths = pc.list_value_length(table.column("input_ids")).to_numpy()
-    references = []
+    references, prompt_texts = [], []
     for text, start, p in zip(table.column("text").to_pylist(), starts, prompt_len, strict=True):
-        cut = start[p] if p < len(start) else len(text.encode("utf-8"))
-        references.append(text.encode("utf-8")[cut:].decode("utf-8", errors="replace"))
+        raw = text.encode("utf-8")
+        cut = start[p] if p < len(start) else len(raw)
+        references.append(raw[cut:].decode("utf-8", errors="replace"))
+        prompt_texts.append(raw[:cut].decode("utf-8", errors="replace"))
     return HeldOut(
+        prompt_texts=prompt_texts,
         ids=table.column("id").to_pylist(),
         prompts=[ids[:p] for ids, p in zip(input_ids, prompt_len, strict=True)],
         references=references,

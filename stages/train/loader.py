@@ -23,9 +23,9 @@ multi-worker ``DataLoader`` each worker takes every n-th shard of the epoch's sh
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
@@ -34,8 +34,11 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from stages.align.aligner import AlignedRows, Aligner
 from storage.reader import LogitBatch, ShardSet, decode_logit_table, ragged_gather
 from storage.schema import ShardSetMetadata, read_metadata
+
+Rows = LogitBatch | AlignedRows
 
 
 class SourceError(ValueError):
@@ -155,8 +158,8 @@ def check_tokenizer(sources: list[LogitSource], tokenizer_fingerprint: str) -> N
         if fp != tokenizer_fingerprint:
             raise SourceError(
                 f"{source.url} was made with another tokenizer (fingerprint {fp}) than the "
-                f"student's ({tokenizer_fingerprint}); a student with a different tokenizer "
-                "needs the cross-tokenizer path"
+                f"student's ({tokenizer_fingerprint}): its token ids are not the student's. "
+                "Train across tokenizers with loss.kind uld or hybrid (or ce on the text)"
             )
 
 
@@ -239,6 +242,60 @@ def collate(
     return batch
 
 
+def collate_aligned(
+    rows: AlignedRows, *, pad_id: int, select: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:
+    """A cross-tokenizer batch: student tokens, with teacher targets per aligned span.
+
+    ``input_ids``, ``attention_mask``, ``target_ids`` and ``loss_mask`` are as in `collate`,
+    in the student's tokens; a position is trained when the token it predicts lies in a
+    trained span. ``span_start`` marks the position before each span's first student token;
+    there, ``span_topk_ids`` / ``span_topk_logprobs`` [B, L, k] hold the teacher's top-k for
+    the span's first teacher token and ``span_chain`` [B, L] the teacher's logprob of the
+    span's other teacher tokens. Within ``x[loss_mask]`` (row-major), each span's positions
+    are contiguous and its start comes first, so ``cumsum(span_start) - 1`` numbers the spans.
+    """
+    select = np.arange(rows.num_rows) if select is None else np.asarray(select, dtype=np.int64)
+    starts = rows.row_offsets[select]
+    lengths = rows.row_offsets[select + 1] - starts
+    num_rows, width = len(select), int(lengths.max())
+    src, offsets = ragged_gather(starts, lengths)
+    row = np.repeat(np.arange(num_rows), lengths)
+    col = np.arange(offsets[-1]) - offsets[row]
+    input_ids = np.full((num_rows, width), pad_id, dtype=np.int64)
+    input_ids[row, col] = rows.input_ids[src]
+    attention_mask = np.zeros((num_rows, width), dtype=np.int64)
+    attention_mask[row, col] = 1
+
+    has_next = col < lengths[row] - 1
+    here, r, c = src[has_next], row[has_next], col[has_next]
+    span = rows.span_offsets[select][r] + rows.token_span[here + 1]  # the predicted token's
+    trained = rows.span_trained[span]
+    first = trained & (rows.token_span[here + 1] != rows.token_span[here])
+    targets = np.full((num_rows, width), -100, dtype=np.int64)
+    targets[r, c] = rows.input_ids[here + 1]
+    loss_mask = np.zeros((num_rows, width), dtype=bool)
+    loss_mask[r[trained], c[trained]] = True
+    span_start = np.zeros((num_rows, width), dtype=bool)
+    span_start[r[first], c[first]] = True
+    topk_ids = np.zeros((num_rows, width, rows.k), dtype=np.int64)
+    topk_lps = np.full((num_rows, width, rows.k), -np.inf, dtype=np.float32)
+    chain = np.zeros((num_rows, width), dtype=np.float32)
+    topk_ids[r[first], c[first]] = rows.topk_ids[span[first]]
+    topk_lps[r[first], c[first]] = rows.topk_logprobs[span[first]]
+    chain[r[first], c[first]] = rows.chain[span[first]]
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention_mask),
+        "loss_mask": torch.from_numpy(loss_mask),
+        "target_ids": torch.from_numpy(targets),
+        "span_start": torch.from_numpy(span_start),
+        "span_topk_ids": torch.from_numpy(topk_ids),
+        "span_topk_logprobs": torch.from_numpy(topk_lps),
+        "span_chain": torch.from_numpy(chain),
+    }
+
+
 class DistillDataset(IterableDataset):
     """Shuffled batches from logit sources: one epoch per iteration, or endless epochs.
 
@@ -263,6 +320,7 @@ class DistillDataset(IterableDataset):
         drop_last: bool = False,
         repeat: bool = False,
         cache_mb: int = 1024,
+        aligner: Aligner | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or shuffle_shards < 1:
@@ -277,7 +335,11 @@ class DistillDataset(IterableDataset):
         self.drop_last = drop_last
         self.repeat = repeat
         self.cache_bytes = cache_mb << 20
-        self._cache: OrderedDict[tuple[int, int], LogitBatch] = OrderedDict()
+        # With an aligner, rows are re-cut by the student's tokenizer once per shard read;
+        # rows that cannot be aligned are counted per shard (and reason) in align_drops.
+        self.aligner = aligner
+        self.align_drops: dict[tuple[int, int], Counter[str]] = {}
+        self._cache: OrderedDict[tuple[int, int], Rows] = OrderedDict()
         self._cached = 0
         self.epoch = 0
         self.k = max(s.metadata.k for s in sources)
@@ -296,13 +358,15 @@ class DistillDataset(IterableDataset):
             order = order[info.id :: info.num_workers]
         return order
 
-    def _read(self, source: int, shard: int) -> LogitBatch:
-        """A decoded shard, from the in-memory cache when it fits the budget."""
+    def _read(self, source: int, shard: int) -> Rows:
+        """A decoded (and aligned) shard, from the in-memory cache when it fits the budget."""
         key = (source, shard)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        batch = _pad_k(self.sources[source].read(shard), self.k)
+        batch: Rows = _pad_k(self.sources[source].read(shard), self.k)
+        if self.aligner is not None:
+            batch, self.align_drops[key] = self.aligner.align(batch)
         size = _nbytes(batch)
         if size <= self.cache_bytes:
             self._cache[key] = batch
@@ -316,13 +380,14 @@ class DistillDataset(IterableDataset):
         info = get_worker_info()
         worker = 0 if info is None else info.id + 1
         epoch = self.epoch
-        leftover: LogitBatch | None = None
+        leftover: Rows | None = None
+        concat = AlignedRows.concat if self.aligner is not None else LogitBatch.concat
         while True:
             rng = np.random.default_rng([self.seed, epoch, worker])
             order = self._shard_order(epoch)
             for start in range(0, len(order), self.shuffle_shards):
                 group = [self._read(s, i) for s, i in order[start : start + self.shuffle_shards]]
-                pool = LogitBatch.concat(([leftover] if leftover is not None else []) + group)
+                pool = concat(([leftover] if leftover is not None else []) + group)
                 perm = rng.permutation(pool.num_rows) if self.shuffle else np.arange(pool.num_rows)
                 full = pool.num_rows - pool.num_rows % self.batch_size
                 for b in range(0, full, self.batch_size):
@@ -334,7 +399,9 @@ class DistillDataset(IterableDataset):
         if leftover is not None and not self.drop_last:
             yield self._collate(leftover, None)
 
-    def _collate(self, pool: LogitBatch, select: np.ndarray | None) -> dict[str, torch.Tensor]:
+    def _collate(self, pool: Rows, select: np.ndarray | None) -> dict[str, torch.Tensor]:
+        if isinstance(pool, AlignedRows):
+            return collate_aligned(pool, pad_id=self.pad_id, select=select)
         return collate(pool, pad_id=self.pad_id, include_prompt=self.include_prompt, select=select)
 
 
@@ -377,10 +444,8 @@ class MixtureDataset(IterableDataset):
             yield batch
 
 
-def _nbytes(batch: LogitBatch) -> int:
-    arrays = (batch.input_ids, batch.topk_ids, batch.topk_logprobs, batch.next_logprob)
-    extra = 0 if batch.policy_logprob is None else batch.policy_logprob.nbytes
-    return sum(a.nbytes for a in arrays) + extra
+def _nbytes(batch: Rows) -> int:
+    return sum(v.nbytes for v in vars(batch).values() if isinstance(v, np.ndarray))
 
 
 def _pad_k(batch: LogitBatch, k: int) -> LogitBatch:
@@ -388,15 +453,10 @@ def _pad_k(batch: LogitBatch, k: int) -> LogitBatch:
     if batch.k == k:
         return batch
     pad = ((0, 0), (0, k - batch.k))
-    return LogitBatch(
-        ids=batch.ids,
-        row_offsets=batch.row_offsets,
-        input_ids=batch.input_ids,
-        prompt_len=batch.prompt_len,
+    return replace(
+        batch,
         topk_ids=np.pad(batch.topk_ids, pad),
         topk_logprobs=np.pad(batch.topk_logprobs, pad, constant_values=-np.inf),
-        next_logprob=batch.next_logprob,
-        policy_logprob=batch.policy_logprob,
     )
 
 

@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-LossKind = Literal["ce", "forward_kl", "reverse_kl", "jsd", "sampled_rkl"]
+LossKind = Literal["ce", "forward_kl", "reverse_kl", "jsd", "sampled_rkl", "uld", "hybrid"]
+# Losses over aligned spans: they work whatever the student's tokenizer (see stages.align).
+CROSS_TOKENIZER_KINDS = ("uld", "hybrid")
 
 
 class LossOptions(BaseModel):
@@ -17,11 +19,22 @@ class LossOptions(BaseModel):
     kind: LossKind = Field(
         "forward_kl",
         description="ce (hard labels only), forward_kl, reverse_kl, jsd (GKD, with beta) or "
-        "sampled_rkl (on-policy per-token reverse KL on the sampled tokens; needs rollout data).",
+        "sampled_rkl (on-policy per-token reverse KL on the sampled tokens; needs rollout data), "
+        "or, for a student with another tokenizer, uld (sorted-probability L1 per aligned span) "
+        "or hybrid (GOLD: JSD on the mapped vocabulary, ULD on the rest).",
     )
     temperature: float = Field(1.0, gt=0, description="Applied to teacher and student alike.")
     alpha: float = Field(1.0, ge=0, le=1, description="Weight of the soft term; 1 - alpha on CE.")
     beta: float = Field(0.5, ge=0, le=1, description="Generalized JSD interpolation (jsd only).")
+    matched_weight: float | None = Field(
+        None,
+        ge=0,
+        description="hybrid: weight of the mapped-vocabulary JSD; None: the teacher's mapped "
+        "probability share, per span.",
+    )
+    unmatched_weight: float | None = Field(
+        None, ge=0, description="hybrid: weight of the unmapped ULD; None: 1 - matched weight."
+    )
     tail: Literal["renorm", "rest"] = Field(
         "rest",
         description="Top-k tail: one 'rest' bucket of 1 - sum(p) against the student's mass "

@@ -24,8 +24,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from stages.align.vocab import VocabMap
 from stages.train.losses import distill_loss
 from stages.train.options import LossOptions, TrainOptions
+from stages.train.xtok_losses import xtok_loss
 
 Log = Callable[[str], None]
 SUMMARY_FILE = "train_summary.json"
@@ -34,10 +36,19 @@ SUMMARY_FILE = "train_summary.json"
 class DistillTrainer(Trainer):
     """`Trainer` whose batches carry sparse teacher targets for the trained positions."""
 
-    def __init__(self, *args: Any, loss: LossOptions, num_workers: int = 0, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        loss: LossOptions,
+        num_workers: int = 0,
+        vocab_map: VocabMap | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.loss_options = loss
         self.num_workers = num_workers
+        self.vocab_map = vocab_map
+        self._map_tensors: tuple[torch.Tensor, torch.Tensor] | None = None
         self._parts: dict[str, float] = {}
         self._parts_n = 0
         self.tokens_seen = 0
@@ -61,10 +72,27 @@ class DistillTrainer(Trainer):
     ):
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         mask = inputs["loss_mask"]
+        # Only trained positions reach the vocabulary-wide loss: logits[mask] is [N, V].
+        if "span_start" in inputs:
+            loss, parts = self._span_loss(out.logits[mask], inputs, mask)
+        else:
+            loss, parts = self._token_loss(out.logits[mask], inputs, mask)
+        if self.loss_options.kind == "ce":
+            parts = {}  # the loss is the CE: nothing more to report
+        for key, value in parts.items():
+            self._parts[key] = self._parts.get(key, 0.0) + value
+        self._parts_n += 1
+        self.tokens_seen += int(mask.sum())
+        return (loss, out) if return_outputs else loss
+
+    def _token_loss(
+        self, logits: torch.Tensor, inputs: dict[str, torch.Tensor], mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Same tokenizer: one teacher distribution per student position."""
         topk_ids, topk_logprobs = inputs.get("topk_ids"), inputs.get("topk_logprobs")
         opts = self.loss_options
-        loss, parts = distill_loss(
-            out.logits[mask],  # [N, V]: only trained positions reach the vocabulary-wide loss
+        return distill_loss(
+            logits,
             inputs["target_ids"][mask],
             None if topk_ids is None else topk_ids[mask],
             None if topk_logprobs is None else topk_logprobs[mask],
@@ -76,13 +104,41 @@ class DistillTrainer(Trainer):
             next_logprob=inputs["next_logprob"][mask],
             policy_logprob=inputs["policy_logprob"][mask],
         )
-        if opts.kind == "ce":
-            parts = {}  # the loss is the CE: nothing more to report
-        for key, value in parts.items():
-            self._parts[key] = self._parts.get(key, 0.0) + value
-        self._parts_n += 1
-        self.tokens_seen += int(inputs["loss_mask"].sum())
-        return (loss, out) if return_outputs else loss
+
+    def _span_loss(
+        self, logits: torch.Tensor, inputs: dict[str, torch.Tensor], mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Cross-tokenizer: one teacher target per aligned span (see `collate_aligned`)."""
+        opts = self.loss_options
+        start = inputs["span_start"][mask]
+        vocab_map = student_mapped = None
+        if self.vocab_map is not None:
+            if self._map_tensors is None or self._map_tensors[0].device != logits.device:
+                # The model's vocabulary may be padded beyond the tokenizer's: no id maps there.
+                mapped = torch.zeros(logits.shape[-1], dtype=torch.bool)
+                image = torch.from_numpy(self.vocab_map.student_mapped)
+                mapped[: len(image)] = image[: logits.shape[-1]]
+                forward = torch.from_numpy(self.vocab_map.teacher_to_student)
+                self._map_tensors = (forward.to(logits.device), mapped.to(logits.device))
+            vocab_map, student_mapped = self._map_tensors
+        return xtok_loss(
+            logits,
+            inputs["target_ids"][mask],
+            start,
+            torch.cumsum(start.long(), 0) - 1,
+            int(start.sum()),
+            inputs["span_topk_ids"][mask][start],
+            inputs["span_topk_logprobs"][mask][start],
+            inputs["span_chain"][mask][start],
+            kind=opts.kind,
+            temperature=opts.temperature,
+            alpha=opts.alpha,
+            beta=opts.beta,
+            matched_weight=opts.matched_weight,
+            unmatched_weight=opts.unmatched_weight,
+            vocab_map=vocab_map,
+            student_mapped=student_mapped,
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._parts_n and "loss" in logs:
@@ -165,6 +221,7 @@ def train_model(
     tokenizer: Any = None,
     num_workers: int = 0,
     save_final: bool = True,
+    vocab_map: VocabMap | None = None,
     log: Log = print,
 ) -> TrainResult:
     """Train ``model`` in place for ``train.steps`` steps, resuming from the last checkpoint.
@@ -188,6 +245,7 @@ def train_model(
             processing_class=tokenizer,
             loss=loss,
             num_workers=num_workers,
+            vocab_map=vocab_map,
         )
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)

@@ -1,0 +1,309 @@
+"""Turn teacher-cache rows into student rows with span-level teacher targets.
+
+For each cached row the student tokenizer cuts the row's text; `align_spans` groups the two
+tokenizations into byte-aligned spans. A span whose first teacher token is a completion token
+is *trained*: both models predict it from the same text prefix, at the teacher position
+before its first teacher token and the student position before its first student token. The
+span's teacher target is then the top-k stored at that teacher position plus ``chain``, the
+teacher's exact log-probability of the span's remaining teacher tokens (the sum of their
+``next_logprob``: the chain rule, exact even where a token is outside the top-k).
+
+A row is dropped, counted under its reason, when it cannot be aligned faithfully: its text
+does not round-trip through either tokenizer, it has no byte spans (a rollout with invalid
+UTF-8 stores -1), or no completion span lines up (the prompt/completion boundary falls inside
+a student token and the completion is one span). Nothing is ever aligned approximately.
+
+BOS and EOS that a post-processor added (no bytes in the text) get one virtual byte on both
+sides, so the teacher's EOS aligns 1:1 with the student's EOS and "stop here" is distilled
+like any other span.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stages.align.spans import SpanAlignment, align_spans, rows_of
+from stages.align.tokens import TokenTable, encode_texts, exact_token_bytes
+from stages.align.vocab import VocabMap
+from storage.reader import LogitBatch, ragged_gather
+
+DROP_REASONS = {
+    "no_byte_spans": "no byte spans (invalid UTF-8 in a rollout)",
+    "empty": "no text",
+    "teacher_round_trip": "the teacher tokens do not reproduce the text",
+    "student_round_trip": "the student tokenizer does not reproduce the text",
+    "no_completion_span": "no completion span aligns (the prompt boundary is inside a token)",
+}
+
+
+@dataclass
+class AlignedRows:
+    """R rows in the student's tokens, with one teacher target per aligned span.
+
+    Student tokens are flat (``row_offsets``), spans are flat (``span_offsets``); a token's
+    span is local to its row, so rows can be taken and concatenated without renumbering.
+    """
+
+    ids: list[str]
+    row_offsets: np.ndarray  # int64 [R + 1]
+    input_ids: np.ndarray  # int64 [S] student ids
+    token_span: np.ndarray  # int64 [S] local span of each student token
+    span_offsets: np.ndarray  # int64 [R + 1]
+    span_trained: np.ndarray  # bool [P]
+    topk_ids: np.ndarray  # int32 [P, k] teacher top-k before the span's first teacher token
+    topk_logprobs: np.ndarray  # float32 [P, k]
+    chain: np.ndarray  # float32 [P] teacher logprob of the span's other teacher tokens
+    teacher_tokens: np.ndarray  # int32 [P] teacher tokens in the span
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.ids)
+
+    @property
+    def k(self) -> int:
+        return int(self.topk_ids.shape[1])
+
+    def take(self, rows: np.ndarray) -> AlignedRows:
+        rows = np.asarray(rows, dtype=np.int64)
+        tok, tok_off = ragged_gather(
+            self.row_offsets[rows], self.row_offsets[rows + 1] - self.row_offsets[rows]
+        )
+        span, span_off = ragged_gather(
+            self.span_offsets[rows], self.span_offsets[rows + 1] - self.span_offsets[rows]
+        )
+        return AlignedRows(
+            ids=[self.ids[i] for i in rows.tolist()],
+            row_offsets=tok_off,
+            input_ids=self.input_ids[tok],
+            token_span=self.token_span[tok],
+            span_offsets=span_off,
+            span_trained=self.span_trained[span],
+            topk_ids=self.topk_ids[span],
+            topk_logprobs=self.topk_logprobs[span],
+            chain=self.chain[span],
+            teacher_tokens=self.teacher_tokens[span],
+        )
+
+    @classmethod
+    def concat(cls, parts: list[AlignedRows]) -> AlignedRows:
+        if len(parts) == 1:
+            return parts[0]
+
+        def offsets(name: str) -> np.ndarray:
+            ends = np.cumsum([0] + [int(getattr(p, name)[-1]) for p in parts])
+            return np.concatenate(
+                [np.zeros(1, np.int64)]
+                + [getattr(p, name)[1:] + e for p, e in zip(parts, ends, strict=False)]
+            )
+
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([getattr(p, name) for p in parts])
+
+        return cls(
+            ids=[i for p in parts for i in p.ids],
+            row_offsets=offsets("row_offsets"),
+            input_ids=cat("input_ids"),
+            token_span=cat("token_span"),
+            span_offsets=offsets("span_offsets"),
+            span_trained=cat("span_trained"),
+            topk_ids=cat("topk_ids"),
+            topk_logprobs=cat("topk_logprobs"),
+            chain=cat("chain"),
+            teacher_tokens=cat("teacher_tokens"),
+        )
+
+    def span_shapes(self) -> dict[str, int]:
+        """Trained spans by shape: teacher tokens : student tokens as 1:1, 1:n, n:1 or n:m."""
+        rows = rows_of(self.row_offsets)
+        student = np.bincount(
+            self.span_offsets[rows] + self.token_span, minlength=len(self.span_trained)
+        )
+        t_multi, s_multi = self.teacher_tokens > 1, student > 1
+        return {
+            f"{'n' if t else '1'}:{('m' if t else 'n') if s else '1'}": int(
+                (self.span_trained & (t_multi == t) & (s_multi == s)).sum()
+            )
+            for t in (False, True)
+            for s in (False, True)
+        }
+
+
+class Aligner:
+    """Aligns teacher-cache rows to one student tokenizer (built once, reused per shard)."""
+
+    def __init__(
+        self, teacher_tokenizer: Any, student_tokenizer: Any, include_prompt: bool = False
+    ):
+        self.student_tokenizer = student_tokenizer
+        self.teacher_table = TokenTable.from_tokenizer(teacher_tokenizer)
+        self.student_table = TokenTable.from_tokenizer(student_tokenizer)
+        self.vocab = VocabMap.build(
+            teacher_tokenizer, student_tokenizer, self.teacher_table, self.student_table
+        )
+        self.include_prompt = include_prompt
+        self.teacher_eos = teacher_tokenizer.eos_token_id
+        self.student_bos = student_tokenizer.bos_token_id
+        self.student_eos = student_tokenizer.eos_token_id
+
+    def align(self, batch: LogitBatch) -> tuple[AlignedRows, Counter[str]]:
+        """The rows of ``batch`` that align, and the number dropped per reason."""
+        if batch.text is None or batch.byte_start is None or batch.byte_end is None:
+            raise ValueError("cross-tokenizer training needs the rows' text and byte spans")
+        drops: Counter[str] = Counter()
+        keep = np.ones(batch.num_rows, dtype=bool)
+        rows_t = rows_of(batch.row_offsets)
+        no_spans = np.zeros(batch.num_rows, dtype=bool)
+        np.logical_or.at(no_spans, rows_t, (batch.byte_start < 0) | (batch.byte_end < 0))
+        drops["no_byte_spans"] = int(no_spans.sum())
+        keep &= ~no_spans
+        batch = batch.take(np.flatnonzero(keep))
+        texts = batch.text or []
+
+        # Teacher side: exact bytes of the cached tokens.
+        t_ids = batch.input_ids.astype(np.int64)
+        t_bytes = exact_token_bytes(
+            self.teacher_table,
+            t_ids,
+            batch.row_offsets,
+            batch.byte_start,
+            batch.byte_end,
+            [t.encode("utf-8") for t in texts],
+        )
+        # Student side: the same texts, cut by the student tokenizer.
+        enc = encode_texts(self.student_tokenizer, self.student_table, texts)
+        drops["teacher_round_trip"] = int((~t_bytes.ok).sum())
+        drops["student_round_trip"] = int((t_bytes.ok & ~enc.token_bytes.ok).sum())
+        good = t_bytes.ok & enc.token_bytes.ok
+
+        # Post-processor BOS / EOS: a virtual byte on both sides when the student has one too.
+        t_len = t_bytes.lengths.copy()
+        t_first, t_last = batch.row_offsets[:-1], batch.row_offsets[1:] - 1
+        nonempty = t_last >= t_first
+        special = self.teacher_table.special[t_ids]
+        lead = nonempty & special[t_first] & (t_len[t_first] == 0) & (self.student_bos is not None)
+        trail = (
+            nonempty
+            & (t_ids[t_last] == self.teacher_eos)
+            & (t_len[t_last] == 0)
+            & (t_last > t_first)
+            & (self.student_eos is not None)
+        )
+        t_len[t_first[lead]] = 1
+        t_len[t_last[trail]] = 1
+        s_ids, s_off, s_len = _add_specials(
+            enc.ids,
+            enc.row_offsets,
+            enc.token_bytes.lengths,
+            lead,
+            trail,
+            self.student_bos,
+            self.student_eos,
+        )
+        # A row without bytes (only zero-width specials) has no span to train.
+        t_total = np.zeros(len(good), dtype=np.int64)
+        np.add.at(t_total, rows_of(batch.row_offsets), t_len)
+        drops["empty"] = int((good & (t_total == 0)).sum())
+        good &= t_total > 0
+        sel = np.flatnonzero(good)
+        batch = batch.take(sel)
+        t_len = t_len[ragged_gather(t_first[sel], t_last[sel] - t_first[sel] + 1)[0]]
+        s_tok, s_off = ragged_gather(s_off[sel], s_off[sel + 1] - s_off[sel])
+        s_ids, s_len = s_ids[s_tok], s_len[s_tok]
+
+        spans = align_spans(t_len, batch.row_offsets, s_len, s_off)
+        rows = self._spans(batch, spans, s_ids, s_off)
+        span_rows = rows_of(rows.span_offsets)
+        trained_rows = np.zeros(rows.num_rows, dtype=bool)
+        trained_rows[span_rows[rows.span_trained]] = True
+        drops["no_completion_span"] = int((~trained_rows).sum())
+        return rows.take(np.flatnonzero(trained_rows)), +drops
+
+    def report(self, rows: AlignedRows, drops: Counter[str]) -> dict[str, Any]:
+        """What alignment did to a sample: rows kept and dropped (by reason), trained spans by
+        shape, the vocabulary map's coverage and the teacher's probability mass on mapped ids."""
+        p = np.exp(rows.topk_logprobs[rows.span_trained].astype(np.float64))
+        mapped = self.vocab.teacher_to_student[rows.topk_ids[rows.span_trained]] >= 0
+        return {
+            "rows": rows.num_rows,
+            "dropped": {DROP_REASONS[k]: v for k, v in drops.items()},
+            "spans": rows.span_shapes(),
+            "vocab": self.vocab.coverage(),
+            "mapped_mass": round(float((p * mapped).sum() / max(p.sum(), 1e-30)), 4),
+        }
+
+    def _spans(
+        self, batch: LogitBatch, spans: SpanAlignment, s_ids: np.ndarray, s_off: np.ndarray
+    ) -> AlignedRows:
+        """Span tables: first tokens, trained flags, teacher top-k and chain."""
+        n_rows = batch.num_rows
+        num_spans = spans.num_spans
+        span_off = np.zeros(n_rows + 1, dtype=np.int64)
+        np.cumsum(num_spans, out=span_off[1:])
+        t_rows = rows_of(batch.row_offsets)
+        s_rows = rows_of(s_off)
+        t_glob = span_off[t_rows] + spans.teacher_span
+        s_glob = span_off[s_rows] + spans.student_span
+        total = int(span_off[-1])
+        # First and last teacher token (flat index) and first student token of each span:
+        # spans are monotone in token order, so the minimum / maximum index per span.
+        t_index = np.arange(len(t_glob))
+        first_t = np.full(total, np.iinfo(np.int64).max)
+        last_t = np.full(total, -1)
+        np.minimum.at(first_t, t_glob, t_index)
+        np.maximum.at(last_t, t_glob, t_index)
+        first_s = np.full(total, np.iinfo(np.int64).max)
+        np.minimum.at(first_s, s_glob, np.arange(len(s_glob)))
+        span_rows = np.repeat(np.arange(n_rows), num_spans)
+        a = first_t - batch.row_offsets[span_rows]  # local index of the first teacher token
+        c = first_s - s_off[span_rows]
+        lowest = 1 if self.include_prompt else np.maximum(batch.prompt_len[span_rows], 1)
+        trained = (a >= lowest) & (c >= 1)
+        predict = np.where(trained, first_t - 1, 0)  # the teacher position before the span
+        # chain = sum of next_logprob over positions first_t .. last_t - 1 (float64 cumsum; the
+        # row's last position, NaN, is never inside such a range).
+        lp = np.nan_to_num(batch.next_logprob.astype(np.float64), nan=0.0)
+        cum = np.concatenate([[0.0], np.cumsum(lp)])
+        chain = np.where(trained, cum[last_t] - cum[first_t], 0.0).astype(np.float32)
+        return AlignedRows(
+            ids=list(batch.ids),
+            row_offsets=s_off,
+            input_ids=s_ids,
+            token_span=spans.student_span,
+            span_offsets=span_off,
+            span_trained=trained,
+            topk_ids=batch.topk_ids[predict],
+            topk_logprobs=np.where(trained[:, None], batch.topk_logprobs[predict], -np.inf).astype(
+                np.float32
+            ),
+            chain=chain,
+            teacher_tokens=(last_t - first_t + 1).astype(np.int32),
+        )
+
+
+def _add_specials(
+    ids: np.ndarray,
+    offsets: np.ndarray,
+    lengths: np.ndarray,
+    lead: np.ndarray,
+    trail: np.ndarray,
+    bos: int | None,
+    eos: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Student rows with BOS put first where ``lead`` and EOS last where ``trail``, each one
+    virtual byte long (one vectorised scatter, no per-row insertion)."""
+    counts = np.diff(offsets)
+    new_counts = counts + lead + trail
+    new_off = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(new_counts, out=new_off[1:])
+    rows = np.repeat(np.arange(len(counts)), counts)
+    dest = np.arange(len(ids)) - offsets[rows] + new_off[rows] + lead[rows]
+    out_ids = np.zeros(int(new_off[-1]), dtype=np.int64)
+    out_len = np.ones(int(new_off[-1]), dtype=np.int64)
+    out_ids[dest], out_len[dest] = ids, lengths
+    out_ids[new_off[:-1][lead]] = -1 if bos is None else bos
+    out_ids[new_off[1:][trail] - 1] = -1 if eos is None else eos
+    return out_ids, new_off, out_len
