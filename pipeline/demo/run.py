@@ -113,9 +113,7 @@ def student_tokenizer(out: Path, log: Log) -> Path:
             chat_template=CHAT_TEMPLATE,
         )
         tok.save_pretrained(str(path))
-        log(
-            f"[demo] student tokenizer: Unigram, Metaspace, byte fallback, {len(tok)} ids: {path}"
-        )
+        log(f"[demo] student tokenizer: Unigram, Metaspace, byte fallback, {len(tok)} ids: {path}")
     return path
 
 
