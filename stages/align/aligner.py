@@ -138,6 +138,12 @@ class Aligner:
     def __init__(
         self, teacher_tokenizer: Any, student_tokenizer: Any, include_prompt: bool = False
     ):
+        for side, tok in (("teacher", teacher_tokenizer), ("student", student_tokenizer)):
+            if not getattr(tok, "is_fast", False):
+                raise ValueError(
+                    f"the {side} tokenizer ({type(tok).__name__}) is not a fast (Rust) "
+                    "tokenizer: it gives no offsets and no byte table, so it cannot be aligned"
+                )
         self.student_tokenizer = student_tokenizer
         self.teacher_table = TokenTable.from_tokenizer(teacher_tokenizer)
         self.student_table = TokenTable.from_tokenizer(student_tokenizer)

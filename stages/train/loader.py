@@ -15,6 +15,12 @@ yields ready-made batches:
     next_logprob    float [B, L]   the teacher's logprob of the target token (NaN: none)
     policy_logprob  float [B, L]   the rollout policy's logprob of it (NaN: not a rollout)
 
+With an `Aligner` (a student whose tokenizer differs from the cache's, or a span loss), each
+shard is re-cut into the student's tokens once, when it is read, and batches carry one
+teacher target per aligned span instead (`collate_aligned`): the alignment is cheap enough
+to run in the loader (see README, "Cross-tokenizer distillation"), so no aligned copy of the
+cache is written.
+
 Every tensor has the batch dimension first, so accelerate can split or dispatch batches
 across processes; the trainer gathers ``x[loss_mask]`` from logits and targets alike. Every
 step is a vectorised scatter over flat arrays; nothing loops over tokens. Under a
