@@ -189,6 +189,35 @@ def token_rows(ids: np.ndarray, lengths: np.ndarray, prompt_len: np.ndarray) -> 
     )
 
 
+@dataclass(frozen=True)
+class _Padded:
+    """Selected rows' tokens as a right-padded matrix, and where each token came from."""
+
+    input_ids: np.ndarray  # int64 [B, L]
+    attention_mask: np.ndarray  # int64 [B, L]
+    src: np.ndarray  # [T] each token's index in the flat arrays
+    row: np.ndarray  # [T] its row in the batch
+    col: np.ndarray  # [T] its column
+    lengths: np.ndarray  # [B]
+
+
+def _pad_tokens(
+    row_offsets: np.ndarray, flat_ids: np.ndarray, select: np.ndarray, pad_id: int
+) -> _Padded:
+    """One gather and one scatter: the token matrix both collates start from."""
+    starts = row_offsets[select]
+    lengths = row_offsets[select + 1] - starts
+    num_rows, width = len(select), int(lengths.max())
+    src, offsets = ragged_gather(starts, lengths)
+    row = np.repeat(np.arange(num_rows), lengths)
+    col = np.arange(offsets[-1]) - offsets[row]
+    input_ids = np.full((num_rows, width), pad_id, dtype=np.int64)
+    input_ids[row, col] = flat_ids[src]
+    attention_mask = np.zeros((num_rows, width), dtype=np.int64)
+    attention_mask[row, col] = 1
+    return _Padded(input_ids, attention_mask, src, row, col, lengths)
+
+
 def collate(
     rows: LogitBatch,
     *,
@@ -203,16 +232,10 @@ def collate(
     selected rows are gathered straight into the padded tensors: one gather, one scatter.
     """
     select = np.arange(rows.num_rows) if select is None else np.asarray(select, dtype=np.int64)
-    starts = rows.row_offsets[select]
-    lengths = rows.row_offsets[select + 1] - starts
-    num_rows, width = len(select), int(lengths.max())
-    src, offsets = ragged_gather(starts, lengths)  # each position's index in the flat arrays
-    row = np.repeat(np.arange(num_rows), lengths)
-    col = np.arange(offsets[-1]) - offsets[row]
-    input_ids = np.full((num_rows, width), pad_id, dtype=np.int64)
-    input_ids[row, col] = rows.input_ids[src]
-    attention_mask = np.zeros((num_rows, width), dtype=np.int64)
-    attention_mask[row, col] = 1
+    tokens = _pad_tokens(rows.row_offsets, rows.input_ids, select, pad_id)
+    src, row, col, lengths = tokens.src, tokens.row, tokens.col, tokens.lengths
+    num_rows, width = tokens.input_ids.shape
+    input_ids, attention_mask = tokens.input_ids, tokens.attention_mask
 
     has_next = col < lengths[row] - 1
     prompt_len = rows.prompt_len[select].astype(np.int64)
@@ -262,16 +285,10 @@ def collate_aligned(
     are contiguous and its start comes first, so ``cumsum(span_start) - 1`` numbers the spans.
     """
     select = np.arange(rows.num_rows) if select is None else np.asarray(select, dtype=np.int64)
-    starts = rows.row_offsets[select]
-    lengths = rows.row_offsets[select + 1] - starts
-    num_rows, width = len(select), int(lengths.max())
-    src, offsets = ragged_gather(starts, lengths)
-    row = np.repeat(np.arange(num_rows), lengths)
-    col = np.arange(offsets[-1]) - offsets[row]
-    input_ids = np.full((num_rows, width), pad_id, dtype=np.int64)
-    input_ids[row, col] = rows.input_ids[src]
-    attention_mask = np.zeros((num_rows, width), dtype=np.int64)
-    attention_mask[row, col] = 1
+    tokens = _pad_tokens(rows.row_offsets, rows.input_ids, select, pad_id)
+    src, row, col, lengths = tokens.src, tokens.row, tokens.col, tokens.lengths
+    num_rows, width = tokens.input_ids.shape
+    input_ids, attention_mask = tokens.input_ids, tokens.attention_mask
 
     has_next = col < lengths[row] - 1
     here, r, c = src[has_next], row[has_next], col[has_next]

@@ -59,6 +59,7 @@ __all__ = [
     "forward_kl",
     "generalized_jsd",
     "hard_ce",
+    "mix_with_ce",
     "reverse_kl",
     "sampled_reverse_kl",
     "student_sparse",
@@ -564,18 +565,26 @@ def distill_loss(
         fn: Callable[..., Tensor] = forward_kl if kind == "forward_kl" else reverse_kl
         return fn(student_logits, topk_ids, topk_logprobs, **kwargs)
 
-    if a == 1.0:
+    return mix_with_ce(soft_fn, lambda: hard_ce(student_logits, labels, weights), a)
+
+
+def mix_with_ce(
+    soft_fn: Callable[[], Tensor], ce_fn: Callable[[], Tensor], alpha: float
+) -> tuple[Tensor, dict[str, float]]:
+    """``alpha * soft + (1 - alpha) * ce`` and both values; a term whose weight is 0 is
+    computed under ``no_grad``, for logging only, so it stays out of the autograd graph."""
+    if alpha == 1.0:
         soft = soft_fn()
         with torch.no_grad():
-            ce = hard_ce(student_logits, labels, weights)
+            ce = ce_fn()
         loss = soft
-    elif a == 0.0:
+    elif alpha == 0.0:
         with torch.no_grad():
             soft = soft_fn()
-        ce = hard_ce(student_logits, labels, weights)
+        ce = ce_fn()
         loss = ce
     else:
         soft = soft_fn()
-        ce = hard_ce(student_logits, labels, weights)
-        loss = a * soft + (1.0 - a) * ce
+        ce = ce_fn()
+        loss = alpha * soft + (1.0 - alpha) * ce
     return loss, {"soft": float(soft.detach()), "ce": float(ce.detach())}

@@ -61,6 +61,7 @@ from stages.train.losses import (
     _teacher_log_target,
     _weighted_mean,
     hard_ce,
+    mix_with_ce,
     student_sparse,
 )
 
@@ -508,18 +509,5 @@ def xtok_loss(
         parts.update({name: float(value) for name, value in extra.items()})
         return loss
 
-    if a == 1.0:
-        soft = soft_fn()
-        with torch.no_grad():
-            ce = hard_ce(student_logits, labels)
-        loss = soft
-    elif a == 0.0:
-        with torch.no_grad():
-            soft = soft_fn()
-        ce = hard_ce(student_logits, labels)
-        loss = ce
-    else:
-        soft = soft_fn()
-        ce = hard_ce(student_logits, labels)
-        loss = a * soft + (1.0 - a) * ce
-    return loss, {"soft": float(soft.detach()), "ce": float(ce.detach())} | parts
+    loss, mixed = mix_with_ce(soft_fn, lambda: hard_ce(student_logits, labels), a)
+    return loss, mixed | parts
