@@ -1,5 +1,5 @@
 """`logitforge` command line: cache-teacher, generate-teacher, rollout, distill, onpolicy,
-evaluate, demo, demo-xtok, demo-onpolicy, inspect."""
+align, evaluate, demo, demo-xtok, demo-onpolicy, inspect."""
 
 from __future__ import annotations
 
@@ -70,6 +70,18 @@ def _onpolicy(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides, OnPolicyConfig)
     summary = run_onpolicy(cfg, log=lambda msg: print(msg, flush=True))
     _write_json(args.summary_json, summary)
+    return 0
+
+
+def _align(args: argparse.Namespace) -> int:
+    from pipeline.distill import check_alignment, teacher_aligner
+    from stages.train.loader import open_sources
+    from stages.train.student import load_tokenizer
+
+    sources = open_sources(args.cache)
+    aligner = teacher_aligner(sources, load_tokenizer(args.student_tokenizer), args.include_prompt)
+    report = check_alignment(aligner, sources, args.shards, lambda msg: print(msg, flush=True))
+    _write_json(args.summary_json, report)
     return 0
 
 
@@ -180,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     onpolicy.add_argument("--summary-json", help="also write the summary as JSON here")
     onpolicy.set_defaults(func=_onpolicy)
+
+    align = sub.add_parser(
+        "align",
+        help="check how a cache aligns to another tokenizer (rows kept, dropped, span shapes, "
+        "vocabulary map) before distilling into it",
+    )
+    align.add_argument("--cache", action="append", required=True, help="shard set (repeatable)")
+    align.add_argument("--student-tokenizer", required=True, help="path or hub id")
+    align.add_argument("--shards", type=int, help="align only the first N shards of each cache")
+    align.add_argument("--include-prompt", action="store_true", help="train prompt spans too")
+    align.add_argument("--summary-json", help="write the report here")
+    align.set_defaults(func=_align)
 
     evaluate = sub.add_parser(
         "evaluate", help="held-out accuracy (vLLM), perplexity and KL to the teacher"

@@ -50,23 +50,11 @@ def check_loss_data(cfg: DistillConfig, sources: list[LogitSource]) -> None:
             )
 
 
-def cross_tokenizer(
-    cfg: DistillConfig, sources: list[LogitSource], tokenizer: Any, log: Log
-) -> tuple[Aligner | None, dict[str, Any] | None]:
-    """The aligner when training goes through aligned spans, else None (after checking that
-    the cache's token ids are the student's).
-
-    Span losses (uld, hybrid) always align; plain CE aligns when the tokenizers differ (the
-    ground-truth text re-cut for the student: the cross-tokenizer SFT baseline). A sample
-    shard of each source is aligned up front, so a tokenizer that cannot reproduce the text
-    fails here, and its report (rows dropped by reason, span shapes, vocabulary coverage,
-    mapped teacher mass) is logged and kept in the run summary.
-    """
-    student_fp = tokenizer_fingerprint(tokenizer)
-    differ = any(s.metadata.tokenizer_fingerprint != student_fp for s in sources)
-    if cfg.loss.kind not in CROSS_TOKENIZER_KINDS and not (differ and cfg.loss.kind == "ce"):
-        check_tokenizer(sources, student_fp)
-        return None, None
+def teacher_aligner(
+    sources: list[LogitSource], student_tokenizer: Any, include_prompt: bool = False
+) -> Aligner:
+    """An aligner from the sources' teacher tokenizer (loaded from the cache's metadata and
+    checked against its fingerprint) to ``student_tokenizer``."""
     teachers = {(s.metadata.teacher_model, s.metadata.tokenizer_fingerprint) for s in sources}
     if len({fp for _, fp in teachers}) > 1:
         raise SourceError(
@@ -86,23 +74,53 @@ def cross_tokenizer(
             f"the tokenizer at {model_id} is not the one the cache was made with (fingerprint "
             f"{tokenizer_fingerprint(teacher_tokenizer)}, cache {fp})"
         )
-    aligner = Aligner(teacher_tokenizer, tokenizer, include_prompt=cfg.data.include_prompt)
+    return Aligner(teacher_tokenizer, student_tokenizer, include_prompt=include_prompt)
+
+
+def check_alignment(
+    aligner: Aligner, sources: list[LogitSource], shards: int | None, log: Log
+) -> dict[str, Any]:
+    """Align the first ``shards`` shards (None: all) of every source and report, per source;
+    a source none of whose rows align is an error."""
     reports = {}
     for source in sources:
-        rows, drops = aligner.align(source.read(0))
-        if rows.num_rows == 0:
+        count = source.num_shards if shards is None else min(shards, source.num_shards)
+        report = aligner.report([aligner.align(source.read(i)) for i in range(count)])
+        if report["rows"] == 0:
             raise SourceError(
-                f"{source.url}: no row of its first shard aligns to the student's tokenizer "
-                f"({dict(drops)})"
+                f"{source.url}: no row of its first {count} shard(s) aligns to the student's "
+                f"tokenizer (dropped: {report['dropped']})"
             )
-        reports[source.url] = report = aligner.report(rows, drops)
+        reports[source.url] = report
+        mapped = report["mapped_mass"]
         log(
-            f"cross-tokenizer: {source.url} shard 0: {report['rows']} rows aligned, dropped "
-            f"{report['dropped'] or 'none'}; trained spans {report['spans']}; teacher mass on "
-            f"mapped ids {report['mapped_mass']:.1%}"
+            f"cross-tokenizer: {source.url}, {count} shard(s): {report['rows']:,} rows aligned, "
+            f"dropped {report['dropped'] or 'none'}; trained spans {report['spans']}; teacher "
+            f"top-k mass on mapped ids {'n/a' if mapped is None else format(mapped, '.1%')}"
         )
     log(f"cross-tokenizer: vocabulary map {aligner.vocab.coverage()}")
-    return aligner, {"vocab": aligner.vocab.coverage(), "samples": reports}
+    return {"vocab": aligner.vocab.coverage(), "samples": reports}
+
+
+def cross_tokenizer(
+    cfg: DistillConfig, sources: list[LogitSource], tokenizer: Any, log: Log
+) -> tuple[Aligner | None, dict[str, Any] | None]:
+    """The aligner when training goes through aligned spans, else None (after checking that
+    the cache's token ids are the student's).
+
+    Span losses (uld, hybrid) always align; plain CE aligns when the tokenizers differ (the
+    ground-truth text re-cut for the student: the cross-tokenizer SFT baseline). The first
+    shard of each source is aligned up front, so a tokenizer that cannot reproduce the text
+    fails here, and its report (rows dropped by reason, span shapes, vocabulary coverage,
+    mapped teacher mass) is logged and kept in the run summary.
+    """
+    student_fp = tokenizer_fingerprint(tokenizer)
+    differ = any(s.metadata.tokenizer_fingerprint != student_fp for s in sources)
+    if cfg.loss.kind not in CROSS_TOKENIZER_KINDS and not (differ and cfg.loss.kind == "ce"):
+        check_tokenizer(sources, student_fp)
+        return None, None
+    aligner = teacher_aligner(sources, tokenizer, cfg.data.include_prompt)
+    return aligner, check_alignment(aligner, sources, 1, log)
 
 
 def run_distill(cfg: DistillConfig, log: Log = print) -> dict[str, Any]:

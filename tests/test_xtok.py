@@ -7,6 +7,7 @@ loader's and the GOLD hybrid must equal generalized JSD on the same positions.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +170,19 @@ def test_cross_tokenizer_errors(train_cache: Path, merged_digits: Path, tmp_path
             ),
             log=lambda _: None,
         )
+
+
+def test_align_command_reports_before_training(
+    train_cache: Path, merged_digits: Path, tmp_path: Path, capsys
+) -> None:
+    from pipeline.cli import main
+
+    out = tmp_path / "align.json"
+    argv = ["align", "--cache", str(train_cache), "--student-tokenizer", str(merged_digits)]
+    assert main([*argv, "--shards", "1", "--summary-json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "rows aligned, dropped none" in printed and "vocabulary map" in printed
+    report = json.loads(out.read_text())["samples"][str(train_cache)]
+    (source,) = open_sources([str(train_cache)])
+    assert report["rows"] == source.read(0).num_rows
+    assert report["spans"]["n:1"] > 0 and report["mapped_mass"] == 1.0

@@ -228,17 +228,26 @@ class Aligner:
         drops["no_completion_span"] = int((~trained_rows).sum())
         return rows.take(np.flatnonzero(trained_rows)), +drops
 
-    def report(self, rows: AlignedRows, drops: Counter[str]) -> dict[str, Any]:
-        """What alignment did to a sample: rows kept and dropped (by reason), trained spans by
-        shape, the vocabulary map's coverage and the teacher's probability mass on mapped ids."""
-        p = np.exp(rows.topk_logprobs[rows.span_trained].astype(np.float64))
-        mapped = self.vocab.teacher_to_student[rows.topk_ids[rows.span_trained]] >= 0
+    def report(self, parts: list[tuple[AlignedRows, Counter[str]]]) -> dict[str, Any]:
+        """What alignment did to some aligned shards: rows kept and dropped (by reason),
+        trained spans by shape, the vocabulary map's coverage and the share of the teacher's
+        top-k probability mass (on trained spans) that falls on mapped ids."""
+        drops: Counter[str] = Counter()
+        spans: Counter[str] = Counter()
+        mass = mapped_mass = 0.0
+        for rows, dropped in parts:
+            drops.update(dropped)
+            spans.update(rows.span_shapes())
+            p = np.exp(rows.topk_logprobs[rows.span_trained].astype(np.float64))
+            mapped = self.vocab.teacher_to_student[rows.topk_ids[rows.span_trained]] >= 0
+            mass += float(p.sum())
+            mapped_mass += float((p * mapped).sum())
         return {
-            "rows": rows.num_rows,
-            "dropped": {DROP_REASONS[k]: v for k, v in drops.items()},
-            "spans": rows.span_shapes(),
+            "rows": sum(rows.num_rows for rows, _ in parts),
+            "dropped": {DROP_REASONS[k]: v for k, v in drops.items() if v},
+            "spans": {shape: spans[shape] for shape in ("1:1", "1:n", "n:1", "n:m")},
             "vocab": self.vocab.coverage(),
-            "mapped_mass": round(float((p * mapped).sum() / max(p.sum(), 1e-30)), 4),
+            "mapped_mass": round(mapped_mass / mass, 4) if mass > 0 else None,
         }
 
     def _spans(
