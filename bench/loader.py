@@ -23,17 +23,13 @@ def _tokens(batch) -> int:
 def cross_tokenizer_aligner(cache: Path):
     """An aligner from the cache's teacher to the cross-tokenizer demo's student tokenizer
     (SentencePiece-style Unigram with byte fallback)."""
-    from pipeline.demo.build import _tokenizer_corpus
-    from pipeline.demo.run import XTOK_VOCAB_SIZE
-    from pipeline.demo.task import DEFAULT_TASK
-    from pipeline.demo.tokenizers import unigram_metaspace
+    from pipeline.demo.run import build_student_tokenizer
     from stages.align.aligner import Aligner
     from stages.train.loader import open_sources
     from stages.train.student import load_tokenizer
 
     teacher = load_tokenizer(open_sources([str(cache)])[0].metadata.teacher_model)
-    student = unigram_metaspace(_tokenizer_corpus(DEFAULT_TASK, 0), XTOK_VOCAB_SIZE)
-    return Aligner(teacher, student)
+    return Aligner(teacher, build_student_tokenizer())
 
 
 def loader_rate(

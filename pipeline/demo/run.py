@@ -96,22 +96,31 @@ XTOK_METHODS = (
     ),
 )
 ALL_METHODS = METHODS + XTOK_METHODS
-XTOK_VOCAB_SIZE = 400  # trained pieces; the 256 byte-fallback pieces come on top
+# The student tokenizer's pieces beyond single characters: the chat template's role markers.
+XTOK_PIECES = ("<|user|>", "<|assistant|>", "<|system|>")
+XTOK_TOKENIZER_VERSION = 2  # bump when the tokenizer recipe changes (2: built, not trained)
 
 
-def student_tokenizer(out: Path, log: Log) -> Path:
-    """The cross-tokenizer demo's student tokenizer, trained once on the task text."""
+def build_student_tokenizer():
+    """The cross-tokenizer demo's student tokenizer: a SentencePiece-style Unigram (Metaspace,
+    byte fallback) over the task text's characters and the role markers, scored by frequency.
+    Built, not trained: `tokenizers`' Unigram trainer is not reproducible between runs."""
     from pipeline.demo.build import CHAT_TEMPLATE, DEFAULT_SPEC, _tokenizer_corpus
     from pipeline.demo.tokenizers import unigram_metaspace
 
-    path = out / "student-tokenizer-unigram"
+    return unigram_metaspace(
+        _tokenizer_corpus(DEFAULT_SPEC.task, DEFAULT_SPEC.seed),
+        pieces=XTOK_PIECES,
+        model_max_length=DEFAULT_SPEC.model.max_position_embeddings,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def student_tokenizer(out: Path, log: Log) -> Path:
+    """The demo's student tokenizer, saved once under ``out``."""
+    path = out / f"student-tokenizer-unigram-v{XTOK_TOKENIZER_VERSION}"
     if not (path / "tokenizer.json").exists():
-        tok = unigram_metaspace(
-            _tokenizer_corpus(DEFAULT_SPEC.task, DEFAULT_SPEC.seed),
-            XTOK_VOCAB_SIZE,
-            model_max_length=DEFAULT_SPEC.model.max_position_embeddings,
-            chat_template=CHAT_TEMPLATE,
-        )
+        tok = build_student_tokenizer()
         tok.save_pretrained(str(path))
         log(f"[demo] student tokenizer: Unigram, Metaspace, byte fallback, {len(tok)} ids: {path}")
     return path
