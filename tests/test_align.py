@@ -744,7 +744,8 @@ def test_dropped_rows_are_counted_by_reason(toks, aligners) -> None:
         no_byte_spans=1, student_round_trip=1, teacher_round_trip=1, no_completion_span=1
     )
     assert out.ids == ["r0", "r4"]  # batch ids of the kept rows ("hello world", "12+3=15")
-    assert aligners["unigram"].report(out, drops)["rows"] == 2
+    report = aligners["unigram"].report([(out, drops)])
+    assert report["rows"] == 2 and sum(report["dropped"].values()) == 4
     # With the teacher as student only the byte spans and the changed text drop rows.
     _, drops = aligners["teacher"].align(batch)
     assert drops == Counter(no_byte_spans=1, teacher_round_trip=1)
