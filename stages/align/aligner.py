@@ -272,7 +272,7 @@ class Aligner:
         np.maximum.at(last_t, t_glob, t_index)
         first_s = np.full(total, np.iinfo(np.int64).max)
         np.minimum.at(first_s, s_glob, np.arange(len(s_glob)))
-        span_rows = np.repeat(np.arange(n_rows), num_spans)
+        span_rows = rows_of(span_off)
         a = first_t - batch.row_offsets[span_rows]  # local index of the first teacher token
         c = first_s - s_off[span_rows]
         lowest = 1 if self.include_prompt else np.maximum(batch.prompt_len[span_rows], 1)
@@ -314,7 +314,7 @@ def _add_specials(
     new_counts = counts + lead + trail
     new_off = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(new_counts, out=new_off[1:])
-    rows = np.repeat(np.arange(len(counts)), counts)
+    rows = rows_of(offsets)
     dest = np.arange(len(ids)) - offsets[rows] + new_off[rows] + lead[rows]
     out_ids = np.zeros(int(new_off[-1]), dtype=np.int64)
     out_len = np.ones(int(new_off[-1]), dtype=np.int64)
