@@ -251,23 +251,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_engines() -> None:
-    """Default vLLM and Dask to warnings only (set before they are imported; workers inherit).
+VERBOSE_ENV = "LOGITFORGE_VERBOSE"
+# What a default run silences in the driver and in every process it starts (Dask workers and
+# vLLM's engine processes inherit the environment): vLLM's warnings about its own CPU setup
+# (Triton, libiomp, model runner), deprecation warnings inside dependencies, torch's NUMA
+# binding notice, transformers' notices while planning. Errors still surface everywhere.
+_QUIET_ENV = {
+    "VLLM_LOGGING_LEVEL": "ERROR",
+    "DASK_LOGGING__DISTRIBUTED": "error",
+    "TORCH_CPP_LOG_LEVEL": "ERROR",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
+}
 
-    Their INFO lines would bury the progress and summary; the variables still win when set.
+
+def quiet_engines(verbose: bool = False) -> None:
+    """Keep a run's output to logitforge's progress and summary, unless ``verbose``.
+
+    Set before vLLM, Dask and torch are imported; variables the user set still win.
     """
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+        return
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--verbose` anywhere on the line (passthrough commands such as `demo` included): every
+    # dependency's logs and warnings, as they come.
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
     parser = build_parser()
+    parser.add_argument("--verbose", action="store_true", help="show every dependency's logs")
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
-    quiet_engines()
+    quiet_engines(verbose)
     logging.basicConfig(level=os.environ.get("LOGITFORGE_LOG_LEVEL", "WARNING"))
     from pydantic import ValidationError
 

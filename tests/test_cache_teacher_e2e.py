@@ -6,6 +6,7 @@ rerun, and a run that finds corrupted shards, must both end with the same rows.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -178,6 +179,15 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(reference_run, tmp_path
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming" in rerun.stdout
+    # A default run shows logitforge's progress and summary, not its dependencies' notices
+    # (vLLM's CPU warnings, deprecations, torch's NUMA note, the weight-loading bar).
+    markers = (" WARNING ", "FutureWarning", "DeprecationWarning", "NUMA binding", "Loading safe")
+    noise = [
+        line
+        for line in (rerun.stdout + rerun.stderr).splitlines()
+        if any(m in line for m in markers)
+    ]
+    assert not noise, noise[:5]
     assert f"{25 - finished_before} run now" in rerun.stdout or finished_before == 25
     # No temporary files survive; every planned shard is complete and verified.
     assert sorted(p.name for p in (out / "data").iterdir()) == [
@@ -186,3 +196,18 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(reference_run, tmp_path
     _assert_same_rows(
         ShardSet.open(str(out)).to_batch(strict=True), ShardSet.open(str(out_ref)).to_batch()
     )
+
+
+def test_verbose_keeps_every_dependency_log(monkeypatch) -> None:
+    from pipeline import cli
+
+    for key in (*cli._QUIET_ENV, cli.VERBOSE_ENV):
+        monkeypatch.delenv(key, raising=False)
+    cli.quiet_engines(verbose=True)
+    assert os.environ[cli.VERBOSE_ENV] == "1"
+    assert not any(key in os.environ for key in cli._QUIET_ENV)
+    monkeypatch.delenv(cli.VERBOSE_ENV)
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")  # what the user set wins
+    cli.quiet_engines()
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"
+    assert os.environ["TORCH_CPP_LOG_LEVEL"] == "ERROR" and cli.VERBOSE_ENV not in os.environ

@@ -103,6 +103,8 @@ class VllmTeacher:
             "trust_remote_code": options.trust_remote_code,
             "enforce_eager": options.enforce_eager,
             "worker_extension_cls": "stages.teacher.weight_swap.WeightSwap",
+            # The weight-loading progress bar only with `logitforge --verbose`.
+            "use_tqdm_on_load": os.environ.get("LOGITFORGE_VERBOSE") == "1",
         }
         if kv_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_gib * _GIB)
