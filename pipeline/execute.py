@@ -191,32 +191,38 @@ def run_cache_teacher(
     """
     started = time.perf_counter()
     layout = ShardSetLayout.from_url(cfg.output.path)
-    outcome = make_plan(cfg, layout, log=log)
-    plan_s = time.perf_counter() - started
-    plan = outcome.plan
-    log(
-        f"plan {plan.fingerprint[:12]}: {plan.num_rows:,} rows in {plan.num_shards} shards"
-        + (" (resuming)" if outcome.reused else "")
-    )
-
-    todo: list[int] = []
-    redone: dict[str, str] = {}
-    for shard in plan.shards:
-        ok, why = verify_shard(layout, plan, shard.index)
-        if not ok:
-            todo.append(shard.index)
-            if why != "no completion record":
-                redone[shard.name] = why
-                log(f"redoing {shard.name}: {why}")
-
-    records: dict[int, DoneRecord] = {}
-    if todo:
-        with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
+        # The cluster starts on first use: planning a new input runs on it, a resumed run whose
+        # shards are all done never starts one.
+        def connect() -> Client:
+            nonlocal client
             if client is None:
                 client = stack.enter_context(dask_client(cfg.cluster, log))
-            records = _run_tasks(cfg, plan, todo, outcome.tokenizer_fingerprint, client, log)
-    else:
-        log("every shard is already done; nothing to run")
+            return client
+
+        outcome = make_plan(cfg, layout, log=log, connect=connect)
+        plan_s = time.perf_counter() - started
+        plan = outcome.plan
+        log(
+            f"plan {plan.fingerprint[:12]}: {plan.num_rows:,} rows in {plan.num_shards} shards"
+            + (" (resuming)" if outcome.reused else "")
+        )
+
+        todo: list[int] = []
+        redone: dict[str, str] = {}
+        for shard in plan.shards:
+            ok, why = verify_shard(layout, plan, shard.index)
+            if not ok:
+                todo.append(shard.index)
+                if why != "no completion record":
+                    redone[shard.name] = why
+                    log(f"redoing {shard.name}: {why}")
+
+        records: dict[int, DoneRecord] = {}
+        if todo:
+            records = _run_tasks(cfg, plan, todo, outcome.tokenizer_fingerprint, connect(), log)
+        else:
+            log("every shard is already done; nothing to run")
 
     all_records = [records.get(i) or read_done(layout, i) for i in range(plan.num_shards)]
     if any(r is None for r in all_records):

@@ -10,10 +10,12 @@ input again; a different fingerprint is refused unless the user asks to overwrit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.compute as pc
+from distributed import Client
 
 from pipeline.config import ShardJobConfig, describe_difference, fingerprint
 from stages.prompts import (
@@ -125,8 +127,17 @@ def _prepare(
     return prepare_prompts(rows, tokenizer, options, cfg.input), "rows"
 
 
-def make_plan(cfg: ShardJobConfig, layout: ShardSetLayout, log=print) -> PlanOutcome:
-    """Return the plan of this run, creating it (and the prompt shards) when needed."""
+def make_plan(
+    cfg: ShardJobConfig,
+    layout: ShardSetLayout,
+    log=print,
+    connect: Callable[[], Client] | None = None,
+) -> PlanOutcome:
+    """Return the plan of this run, creating it (and the prompt shards) when needed.
+
+    ``connect`` returns the Dask client to plan on; it is called only when the input must be
+    read (a reused plan needs no cluster).
+    """
     tokenizer = load_tokenizer(cfg)
     tok_fp = tokenizer_fingerprint(tokenizer)
     max_len = max_row_tokens(cfg)
