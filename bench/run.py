@@ -22,12 +22,14 @@ the same rows, and `Aligner.align` end to end (bench/align.py; a few seconds, no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import platform
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.cpus import AUTO, BIND_ENV, allowed_cpus, bind_engine_cpus, engine_cpus
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -202,6 +206,13 @@ def bench_suite(suite: Suite, k: int) -> dict:
     )
     print(f"== {suite.name}: vLLM engine alone")
     engine_tps, _ = measure_engine(options, sequences)
+    default_tps = None
+    if not _has_cuda():
+        # Part of the same run: the engine under vLLM's own CPU binding (one core reserved),
+        # what the pipeline did before `cluster.engine_cpus`.
+        print(f"== {suite.name}: vLLM engine alone, vLLM's default CPU binding")
+        with _env({BIND_ENV: "auto"}):
+            default_tps, _ = measure_engine(options, sequences)
     # Steady state: everything that scales with the data (planning incl. tokenisation + tasks).
     steady_s = summary.plan_s + summary.engine_s
     pipeline_tps = tokens / steady_s if steady_s else 0.0
@@ -214,6 +225,8 @@ def bench_suite(suite: Suite, k: int) -> dict:
         "tokens": tokens,
         "floor_tokens_per_s": floor_tps,
         "vllm_engine_tokens_per_s": engine_tps,
+        "vllm_engine_default_binding_tokens_per_s": default_tps,
+        "engine_cpus": os.environ.get(BIND_ENV),
         "pipeline_tokens_per_s": pipeline_tps,
         "pipeline_wall_tokens_per_s": tokens / run["wall_s"],
         "pipeline_wall_s": run["wall_s"],
@@ -223,6 +236,20 @@ def bench_suite(suite: Suite, k: int) -> dict:
         "bytes_per_token_on_disk": summary.bytes_per_token,
         "bytes_per_token_by_codec": codec_bytes(scored, sequences, k),
     }
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _has_cuda() -> bool:
@@ -241,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The in-process engines (floor, vLLM alone) get the cores a single pipeline worker gets.
+    bind_engine_cpus(engine_cpus(AUTO, None, None, allowed_cpus()))
 
     teacher = _teacher_dir() if args.suite != "align" else None
     suites = []
@@ -298,14 +327,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def render_table(results: list[dict]) -> str:
     head = (
-        f"{'suite':<16} {'tokens':>8} {'floor tok/s':>12} {'vLLM tok/s':>11} "
+        f"{'suite':<16} {'tokens':>8} {'floor tok/s':>12} {'vLLM tok/s':>11} {'(default)':>10} "
         f"{'pipeline tok/s':>15} {'pipe/floor':>10} {'wall/floor':>10} {'B/token':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
             f"{r['suite']:<16} {r['tokens']:>8,} {r['floor_tokens_per_s']:>12,.0f} "
-            f"{r['vllm_engine_tokens_per_s']:>11,.0f} {r['pipeline_tokens_per_s']:>15,.0f} "
+            f"{r['vllm_engine_tokens_per_s']:>11,.0f} "
+            f"{r.get('vllm_engine_default_binding_tokens_per_s') or 0:>10,.0f} "
+            f"{r['pipeline_tokens_per_s']:>15,.0f} "
             f"{r['ratio_pipeline_to_floor']:>10.2f} {r['ratio_pipeline_wall_to_floor']:>10.2f} "
             f"{r['bytes_per_token_on_disk']:>8.1f}"
         )

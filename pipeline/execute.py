@@ -272,7 +272,7 @@ def _run_tasks(
 ) -> dict[int, DoneRecord]:
     rollout = isinstance(cfg, RolloutConfig)
     role = "policy" if rollout else "teacher"
-    ensure_engine_plugin(client, cfg.teacher, role)
+    ensure_engine_plugin(client, cfg.teacher, role, cfg.cluster)
     # Keys are unique per run: a key still held by the scheduler from an earlier run on the
     # same cluster would hand back that run's result instead of redoing the shard.
     run_id = uuid.uuid4().hex[:8]
