@@ -38,7 +38,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cpus import AUTO, BIND_ENV, allowed_cpus, bind_engine_cpus, engine_cpus
+from pipeline.cpus import (
+    AUTO,
+    BIND_ENV,
+    THREAD_LIMIT_ENVS,
+    allowed_cpus,
+    bind_engine_cpus,
+    engine_cpus,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -238,10 +245,11 @@ def bench_suite(suite: Suite, k: int) -> dict:
     engine_tps, _ = measure_engine(options, sequences)
     default_tps = None
     if not _has_cuda():
-        # Part of the same run: the engine under vLLM's own CPU binding (one core reserved),
-        # what the pipeline did before `cluster.engine_cpus`.
-        print(f"== {suite.name}: vLLM engine alone, vLLM's default CPU binding")
-        with _env({BIND_ENV: "auto"}):
+        # Part of the same run: the engine as a Dask worker started it before
+        # `cluster.engine_cpus`: vLLM's own binding (one core reserved) under the nanny's
+        # thread limits of 1.
+        print(f"== {suite.name}: vLLM engine alone, as a worker ran it before engine_cpus")
+        with _env({BIND_ENV: "auto", **dict.fromkeys(THREAD_LIMIT_ENVS, "1")}):
             default_tps, _ = measure_engine(options, sequences)
     # Steady state: everything that scales with the data (planning incl. tokenisation + tasks).
     steady_s = summary.plan_s + summary.engine_s
