@@ -12,7 +12,6 @@ ranges of the memory-mapped table.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +88,7 @@ def split_input(
             groups = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
             ranges.extend((str(file), lo, hi) for lo, hi in _group_ranges(groups, partition_rows))
     else:
-        n = len(_dataset(opts.model_dump_json()))
+        n = len(_dataset(opts))
         step = partition_rows
         ranges = [(opts.path, lo, min(lo + step, n)) for lo in range(0, n, step)]
     parts = [
@@ -149,10 +148,10 @@ def assign_rows(
     ]
 
 
-@lru_cache(maxsize=2)
-def _dataset(opts_json: str) -> Any:
-    """The opened dataset, once per process (memory-mapped; a Hub dataset from its cache)."""
-    return _open_dataset(InputOptions.model_validate_json(opts_json))
+def _dataset(opts: InputOptions) -> Any:
+    """The opened dataset: memory-mapped (a Hub dataset from its cache), so cheap per task.
+    Not cached across tasks: a long-lived worker would keep serving a replaced dataset."""
+    return _open_dataset(opts)
 
 
 def read_partition(opts: InputOptions, part: InputPartition) -> InputRows:
@@ -180,6 +179,6 @@ def read_partition(opts: InputOptions, part: InputPartition) -> InputRows:
         offset = lo - (int(ends[g0 - 1]) if g0 > 0 else 0)
         rows = table.slice(offset, hi - lo).to_pylist()
         return InputRows(rows=rows, source=path.name, start=part.first_row)
-    ds = _dataset(opts.model_dump_json())
+    ds = _dataset(opts)
     rows = ds.select(range(part.start, part.start + part.num_rows)).to_list()
     return InputRows(rows=rows, source=path.name or opts.path, start=part.first_row)
