@@ -13,10 +13,15 @@ Plus bytes/token on disk for each codec at the same k, encoded from the same tea
 
 Plus the student loader's tokens/s against a training step's consumption (bench/loader.py).
 
+Plus planning (bench/plan.py): rows/s and driver peak RSS of planning on a LocalCluster at
+100k and 1M synthetic rows (10M with --slow), against the in-driver planner at the same sizes
+(~3 minutes, so only with --suite plan).
+
 Plus cross-tokenizer alignment: vectorised `align_spans` against its per-token reference on
 the same rows, and `Aligner.align` end to end (bench/align.py; a few seconds, no teacher).
 
-    python -m bench.run [--suite tiny|llama45m|loader|align|all] [--rows N] [--seq-len N] [--k 64]
+    python -m bench.run [--suite tiny|llama45m|loader|align|plan|all] [--rows N] [--seq-len N]
+                        [--k 64] [--slow]
 """
 
 from __future__ import annotations
@@ -303,11 +308,12 @@ def _has_cuda() -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--suite", choices=["tiny", "llama45m", "loader", "align", "all"], default="all"
+        "--suite", choices=["tiny", "llama45m", "loader", "align", "plan", "all"], default="all"
     )
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--slow", action="store_true", help="plan suite: add 10M rows")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The in-process engines (floor, vLLM alone) get the cores a single pipeline worker gets.
@@ -329,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype = "bfloat16" if _has_cuda() else "float32"
         suites.append(Suite(f"llama45m-{dtype}", model, data, dtype, args.seq_len + 8, 16))
 
-    results = [bench_suite(s, args.k) for s in suites if args.suite != "loader"]
+    results = [bench_suite(s, args.k) for s in suites if args.suite not in ("loader", "plan")]
     report = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
@@ -348,6 +354,12 @@ def main(argv: list[str] | None = None) -> int:
         from bench.align import bench_align
 
         align = report["align"] = bench_align()
+    planning = None
+    if args.suite == "plan":
+        from bench.plan import bench_plan
+
+        sizes = (100_000, 1_000_000, 10_000_000) if args.slow else (100_000, 1_000_000)
+        planning = report["plan"] = bench_plan(sizes)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = RESULTS_DIR / f"capture-{stamp}.json"
@@ -363,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.align import render as render_align
 
         print(render_align(align))
+    if planning is not None:
+        from bench.plan import render as render_plan
+
+        print(render_plan(planning))
     print(f"results: {path.relative_to(REPO_ROOT)}")
     return 0
 

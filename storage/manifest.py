@@ -36,6 +36,9 @@ class ShardPlan(BaseModel):
     row_start: int = Field(ge=0)  # rows [row_start, row_stop) of the prepared prompt table
     row_stop: int = Field(ge=0)
     prompts_sha256: str | None = None
+    # Size of the prompt shard, so a resumed run checks its prompt shards from metadata alone
+    # (shard tasks verify the sha256 of what they read). None in plans written before it.
+    prompts_bytes: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> ShardPlan:

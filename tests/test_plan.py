@@ -119,17 +119,23 @@ BAD_ROWS = [
 
 
 @pytest.mark.parametrize(("bad", "reason"), BAD_ROWS, ids=[r for _, r in BAD_ROWS])
-def test_bad_input_fails_before_any_cluster_or_engine(teacher_dir, tmp_path, bad, reason):
+def test_bad_input_fails_before_any_engine(teacher_dir, tmp_path, dask_client, bad, reason):
     rows = [{"id": "dup", "text": "2+2=4"}, {"id": "ok", "text": "3+3=6"}, bad]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     logs: list[str] = []
     with pytest.raises(InputError) as err:
-        run_cache_teacher(_cfg(teacher_dir, path, tmp_path / "out"), log=logs.append)
+        run_cache_teacher(
+            _cfg(teacher_dir, path, tmp_path / "out"), client=dask_client, log=logs.append
+        )
     assert err.value.row == 2 and err.value.reason == reason
     assert "line 3" in str(err.value)
-    # Nothing was planned, so no cluster was started and no engine loaded.
-    assert not any("LocalCluster" in line or "submitted" in line for line in logs)
-    assert not (tmp_path / "out" / ".logitforge" / "plan.json").exists()
+    # Planning ran on the cluster, but no shard task was submitted, so no engine was used;
+    # nothing was planned and the planning work files are gone.
+    assert any("planning:" in line for line in logs)
+    assert not any("submitted" in line for line in logs)
+    meta = tmp_path / "out" / ".logitforge"
+    assert not (meta / "plan.json").exists()
+    assert not (meta / "planning").exists()
 
 
 def test_invalid_utf8_names_the_line(teacher_dir, tmp_path):

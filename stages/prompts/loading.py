@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from .options import InputOptions
 
@@ -96,39 +99,115 @@ def resolve_format(opts: InputOptions) -> Format:
     return "datasets"
 
 
-def _read_jsonl(path: Path, limit: int | None) -> InputRows:
+def _parse_jsonl(
+    lines: Iterable[bytes], first_line: int, start: int, limit: int | None, source: str
+) -> InputRows:
+    """Rows of JSONL ``lines`` (each with its newline, as a binary file iterates them).
+
+    ``first_line`` is the 1-based file line of ``lines[0]`` and ``start`` the global row of the
+    first row, so that a partition of the file names its rows exactly as a whole-file read does.
+    Blank lines are not rows. ``limit`` caps the rows read.
+    """
     rows: list[dict[str, Any]] = []
-    lines: list[int] = []
+    lines_of: list[int] = []
     bad: dict[int, str] = {}
     bad_json: dict[int, str] = {}
+    for lineno, raw in enumerate(lines, start=first_line):
+        if limit is not None and len(rows) >= limit:
+            break
+        if not raw.strip():
+            continue
+        if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8) :]
+        g = start + len(rows)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad[g] = f"line is not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 4]!r})"
+            # Keep parsing so the id can still be reported; the bad bytes become lone
+            # surrogates that never reach the tokenizer because the row is rejected.
+            text = raw.decode("utf-8", "surrogateescape")
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            bad_json[g] = f"invalid JSON: {e.msg} (column {e.colno})"
+            obj = {}
+        if not isinstance(obj, dict):
+            bad_json[g] = f"line holds a JSON {type(obj).__name__}, not an object"
+            obj = {}
+        rows.append(obj)
+        lines_of.append(lineno)
+    return InputRows(
+        rows=rows, source=source, lines=lines_of, bad_utf8=bad, bad_json=bad_json, start=start
+    )
+
+
+def _read_jsonl(path: Path, limit: int | None) -> InputRows:
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not raw.strip():
-                continue
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8) :]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                bad[len(rows)] = (
-                    f"line is not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 4]!r})"
-                )
-                # Keep parsing so the id can still be reported; the bad bytes become lone
-                # surrogates that never reach the tokenizer because the row is rejected.
-                text = raw.decode("utf-8", "surrogateescape")
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                bad_json[len(rows)] = f"invalid JSON: {e.msg} (column {e.colno})"
-                obj = {}
-            if not isinstance(obj, dict):
-                bad_json[len(rows)] = f"line holds a JSON {type(obj).__name__}, not an object"
-                obj = {}
-            rows.append(obj)
-            lines.append(lineno)
-    return InputRows(rows=rows, source=path.name, lines=lines, bad_utf8=bad, bad_json=bad_json)
+        return _parse_jsonl(f, 1, 0, limit, path.name)
+
+
+def jsonl_block(path: Path, lo: int, hi: int) -> tuple[bytes, int]:
+    """The bytes of the lines that *start* in ``[lo, hi)``, and how many newlines precede them
+    inside the range (0, or 1 when ``lo`` falls inside a line that an earlier range owns).
+
+    Every line belongs to exactly one range whatever the range size, so ranges can be read in
+    parallel; the last line is read past ``hi`` up to its newline (or the end of the file).
+    """
+    with path.open("rb") as f:
+        if lo > 0:
+            f.seek(lo - 1)
+            data = f.read(hi - lo + 1)  # byte lo - 1 tells whether a line starts at lo
+            cut = data.find(b"\n")
+            if cut < 0 or cut + 1 >= len(data):
+                return b"", 0  # no line starts inside the range
+            skipped = int(cut > 0)
+            data = data[cut + 1 :]
+        else:
+            data, skipped = f.read(hi), 0
+        if data and not data.endswith(b"\n"):
+            tail = [data]
+            while chunk := f.read(1 << 16):
+                end = chunk.find(b"\n")
+                if end >= 0:
+                    tail.append(chunk[: end + 1])
+                    break
+                tail.append(chunk)
+            data = b"".join(tail)
+    return data, skipped
+
+
+def read_jsonl_range(
+    path: Path, lo: int, hi: int, *, start: int, newlines_before: int, limit: int | None
+) -> InputRows:
+    """The rows of the lines starting in ``[lo, hi)``; ``start`` is the global row of the first
+    one and ``newlines_before`` the newlines in ``[0, lo)`` (which give the line numbers)."""
+    block, skipped = jsonl_block(path, lo, hi)
+    first_line = 1 + newlines_before + skipped if lo > 0 else 1
+    return _parse_jsonl(io.BytesIO(block), first_line, start, limit, path.name)
+
+
+_WHITESPACE = np.zeros(256, bool)
+_WHITESPACE[list(b" \t\n\r\x0b\x0c")] = True  # what bytes.strip() removes
+
+
+def count_jsonl_range(path: Path, lo: int, hi: int) -> tuple[int, int]:
+    """(rows, newlines): rows (non-blank lines) starting in ``[lo, hi)`` and the newline bytes
+    inside ``[lo, hi)``, counted with numpy over the bytes (no per-line Python)."""
+    with path.open("rb") as f:
+        f.seek(lo)
+        newlines = f.read(hi - lo).count(b"\n")
+    block, _ = jsonl_block(path, lo, hi)
+    raw = np.frombuffer(block, np.uint8)
+    if raw.size == 0:
+        return 0, newlines
+    ends = np.flatnonzero(raw == 10)
+    if raw[-1] != 10:
+        ends = np.append(ends, raw.size)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    solid = np.zeros(raw.size + 1, np.int64)
+    np.cumsum(~_WHITESPACE[raw], out=solid[1:])
+    return int(np.count_nonzero(solid[ends] > solid[starts])), newlines
 
 
 def _read_parquet(path: Path, limit: int | None) -> InputRows:

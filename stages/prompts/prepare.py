@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from storage.schema import PROMPT_SCHEMA
 
@@ -62,8 +65,14 @@ class _Collector:
 
 
 def _validate(
-    rows: InputRows, tokenizer: Any, input_opts: InputOptions, out: _Collector
+    rows: InputRows,
+    tokenizer: Any,
+    input_opts: InputOptions,
+    out: _Collector,
+    claims: list[tuple[int, str]] | None = None,
 ) -> list[PendingRow]:
+    """Valid rows, in order. With ``claims``, duplicate ids are not checked here: every row that
+    reaches the check is appended as (global row, id) instead, for a check across partitions."""
     pending: list[PendingRow] = []
     first_seen: dict[str, int] = {}
     skip = out.opts.on_invalid == "skip"
@@ -85,12 +94,15 @@ def _validate(
                 raise RowProblem(INVALID_UTF8, rows.bad_utf8[g])
             content = read_content(row, input_opts)
             row_id = row_id or derive_id(content.canonical)
-            if row_id in first_seen:
+            if claims is not None:
+                claims.append((g, row_id))
+            elif row_id in first_seen:
                 raise RowProblem(
                     DUPLICATE_ID,
                     f"duplicate id {row_id!r}, first seen at {out.where(first_seen[row_id])}",
                 )
-            first_seen[row_id] = g
+            else:
+                first_seen[row_id] = g
             if content.text is not None:
                 text, prompt_bytes = content.text, content.prompt_bytes
             else:
@@ -140,29 +152,19 @@ def _list_array(parts: list[np.ndarray], type_: pa.DataType) -> pa.Array:
     )
 
 
-def prepare_prompts(
-    rows: InputRows | Sequence[Mapping[str, Any]],
-    tokenizer: Any,
-    opts: PrepareOptions,
-    input_opts: InputOptions,
-) -> PreparedPrompts:
-    """Validate, render and tokenize ``rows`` into a `PROMPT_SCHEMA` table.
+def _build_table(
+    pending: list[PendingRow], tokenizer: Any, opts: PrepareOptions, out: _Collector
+) -> tuple[pa.Table, int, list[int]]:
+    """Tokenize ``pending`` into a `PROMPT_SCHEMA` table; (table, truncated, kept global rows).
 
-    Raises `InputError` for the first invalid row (``on_invalid="error"``) or over-long row
-    (``on_too_long="error"``); otherwise such rows are counted in ``skipped``. Blank rows are
-    always skipped and counted. ``tokenizer`` must be a transformers fast tokenizer.
+    Over-long rows are truncated, skipped or raised as `InputError` by ``opts.on_too_long``.
     """
-    if not getattr(tokenizer, "is_fast", False):
-        raise TypeError("prepare_prompts needs a fast (Rust-backed) tokenizer for offsets")
-    src = rows if isinstance(rows, InputRows) else InputRows(list(rows))  # type: ignore[arg-type]
-    out = _Collector(src, opts)
-    pending = _validate(src, tokenizer, input_opts, out)
     encoded = _tokenize(pending, tokenizer, opts.add_special_tokens)
-
     eos = tokenizer.eos_token_id
     if opts.append_eos and eos is None:
         raise ValueError("prompts.append_eos is set but the tokenizer has no eos_token")
     cols: dict[str, list[Any]] = {k: [] for k in PROMPT_SCHEMA.names}
+    kept: list[int] = []
     num_truncated = 0
     for p, (ids, offsets) in zip(pending, encoded, strict=True):
         start, end = byte_spans(p.text, offsets)
@@ -187,6 +189,7 @@ def prepare_prompts(
             ids, start, end = ids[:n], start[:n], end[:n]
             prompt_len = min(prompt_len, n)
             num_truncated += 1
+        kept.append(p.row)
         for key, value in (
             ("id", p.row_id),
             ("input_ids", ids),
@@ -204,7 +207,31 @@ def prepare_prompts(
         else pa.array(cols[f.name], type=f.type)
         for f in PROMPT_SCHEMA
     ]
-    table = pa.Table.from_arrays(arrays, schema=PROMPT_SCHEMA)
+    return pa.Table.from_arrays(arrays, schema=PROMPT_SCHEMA), num_truncated, kept
+
+
+def _check_fast(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError("prepare_prompts needs a fast (Rust-backed) tokenizer for offsets")
+
+
+def prepare_prompts(
+    rows: InputRows | Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    opts: PrepareOptions,
+    input_opts: InputOptions,
+) -> PreparedPrompts:
+    """Validate, render and tokenize ``rows`` into a `PROMPT_SCHEMA` table.
+
+    Raises `InputError` for the first invalid row (``on_invalid="error"``) or over-long row
+    (``on_too_long="error"``); otherwise such rows are counted in ``skipped``. Blank rows are
+    always skipped and counted. ``tokenizer`` must be a transformers fast tokenizer.
+    """
+    _check_fast(tokenizer)
+    src = rows if isinstance(rows, InputRows) else InputRows(list(rows))  # type: ignore[arg-type]
+    out = _Collector(src, opts)
+    pending = _validate(src, tokenizer, input_opts, out)
+    table, num_truncated, _ = _build_table(pending, tokenizer, opts, out)
     result = PreparedPrompts(
         table=table,
         skipped=sorted(out.skipped, key=lambda s: s.row),
@@ -220,3 +247,130 @@ def prepare_prompts(
             result.skip_counts(),
         )
     return result
+
+
+# Every row of a partition that reached the duplicate-id check, with what became of it, so a
+# check across partitions can drop a later duplicate from the kept rows or re-count its skip.
+CLAIM_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("row", pa.int64()),  # global input row
+        ("line", pa.int64()),  # JSONL line, null for other inputs
+        ("pos", pa.int64()),  # position in the partition's kept table, -1 when not kept
+        ("truncated", pa.bool_()),
+        ("tokens", pa.int64()),
+        ("reason", pa.string()),  # skip reason when skipped, else null
+    ]
+)
+
+
+@dataclass
+class PartitionPrepared:
+    """One partition prepared without the duplicate-id check, which needs the whole input.
+
+    ``error`` is the partition's first `InputError` when ``on_invalid``/``on_too_long`` is
+    ``error``: ``error_phase`` ``"validate"`` (found while validating, like a duplicate id) or
+    ``"too_long"`` (found while tokenizing, after every row was validated, so it only counts
+    when no row anywhere fails validation). An error stops the partition: ``table`` is then
+    None and ``claims`` holds the rows validated before it.
+    """
+
+    table: pa.Table | None  # PROMPT_SCHEMA: kept rows in input order
+    claims: pa.Table  # CLAIM_SCHEMA
+    skipped: dict[str, int] = field(default_factory=dict)
+    num_input_rows: int = 0
+    num_truncated: int = 0
+    error: InputError | None = None
+    error_phase: str | None = None
+
+
+def prepare_partition(
+    rows: InputRows, tokenizer: Any, opts: PrepareOptions, input_opts: InputOptions
+) -> PartitionPrepared:
+    """`prepare_prompts` for one partition of the input, leaving duplicate ids to a later check
+    over every partition's ``claims``. Same rows, numbers and messages as a whole-input run."""
+    _check_fast(tokenizer)
+    out = _Collector(rows, opts)
+    claims: list[tuple[int, str]] = []
+    try:
+        pending = _validate(rows, tokenizer, input_opts, out, claims)
+    except InputError as e:
+        return _stopped(rows, claims, e, "validate")
+    try:
+        table, num_truncated, kept = _build_table(pending, tokenizer, opts, out)
+    except InputError as e:
+        return _stopped(rows, claims, e, "too_long")
+    skipped = sorted(out.skipped, key=lambda s: s.row)
+    claim_rows = np.fromiter((r for r, _ in claims), np.int64, len(claims))
+    kept_rows = np.asarray(kept, np.int64)
+    pos = np.searchsorted(kept_rows, claim_rows)
+    in_kept = pos < kept_rows.size
+    in_kept[in_kept] = kept_rows[pos[in_kept]] == claim_rows[in_kept]
+    pos = np.where(in_kept, pos, -1)
+    skip_rows = np.fromiter((s.row for s in skipped), np.int64, len(skipped))
+    skip_at = np.searchsorted(skip_rows, claim_rows)
+    reasons = np.array([s.reason for s in skipped] + [None], dtype=object)
+    hit = skip_at < skip_rows.size
+    hit[hit] = skip_rows[skip_at[hit]] == claim_rows[hit]
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+    flags = table.column("truncated").to_numpy(zero_copy_only=False)
+    claims_table = _claims_table(
+        rows,
+        claims,
+        pos=pos,
+        truncated=np.where(in_kept, flags[np.maximum(pos, 0)] if flags.size else False, False),
+        tokens=np.where(in_kept, lengths[np.maximum(pos, 0)] if lengths.size else 0, 0),
+        reason=reasons[np.where(hit, skip_at, len(skipped))],
+    )
+    return PartitionPrepared(
+        table=table,
+        claims=claims_table,
+        skipped=dict(sorted(Counter(s.reason for s in skipped).items())),
+        num_input_rows=len(rows),
+        num_truncated=num_truncated,
+    )
+
+
+def _stopped(
+    rows: InputRows, claims: list[tuple[int, str]], error: InputError, phase: str
+) -> PartitionPrepared:
+    n = len(claims)
+    table = _claims_table(
+        rows,
+        claims,
+        pos=np.full(n, -1, np.int64),
+        truncated=np.zeros(n, bool),
+        tokens=np.zeros(n, np.int64),
+        reason=np.full(n, None, dtype=object),
+    )
+    return PartitionPrepared(
+        table=None, claims=table, num_input_rows=len(rows), error=error, error_phase=phase
+    )
+
+
+def _claims_table(
+    rows: InputRows,
+    claims: list[tuple[int, str]],
+    *,
+    pos: np.ndarray,
+    truncated: np.ndarray,
+    tokens: np.ndarray,
+    reason: np.ndarray,
+) -> pa.Table:
+    claim_rows = np.fromiter((r for r, _ in claims), np.int64, len(claims))
+    if rows.lines is not None:
+        lines = pa.array(np.asarray(rows.lines, np.int64)[claim_rows - rows.start], pa.int64())
+    else:
+        lines = pa.nulls(len(claims), pa.int64())
+    return pa.Table.from_arrays(
+        [
+            pa.array([i for _, i in claims], pa.string()),
+            pa.array(claim_rows, pa.int64()),
+            lines,
+            pa.array(pos, pa.int64()),
+            pa.array(np.asarray(truncated, bool), pa.bool_()),
+            pa.array(np.asarray(tokens, np.int64), pa.int64()),
+            pa.array(list(reason), pa.string()),
+        ],
+        schema=CLAIM_SCHEMA,
+    )
