@@ -22,12 +22,14 @@ the same rows, and `Aligner.align` end to end (bench/align.py; a few seconds, no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import platform
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +37,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.cpus import (
+    AUTO,
+    BIND_ENV,
+    THREAD_LIMIT_ENVS,
+    allowed_cpus,
+    bind_engine_cpus,
+    engine_cpus,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -184,6 +195,36 @@ def codec_bytes(scored, sequences: list[list[int]], k: int) -> dict[str, float]:
     return out
 
 
+def task_breakdown(out: Path) -> tuple[float, dict[str, float]]:
+    """Task tokens/s once each worker's engine is warm, and where task time goes.
+
+    A worker's first shard carries the engine's first forward passes (graph capture, allocator
+    growth): on a short benchmark that one-off cost, not the stage, sets the steady-state rate.
+    So the warm rate leaves out each worker's first finished shard.
+    """
+    from storage.layout import ShardSetLayout
+    from storage.manifest import read_done, read_plan
+
+    layout = ShardSetLayout.from_url(str(out))
+    plan = read_plan(layout)
+    records = sorted(
+        (r for i in range(plan.num_shards) if (r := read_done(layout, i)) is not None),
+        key=lambda r: r.finished_at,
+    )
+    seen: set[str] = set()
+    warm = []
+    for record in records:
+        if record.worker in seen:
+            warm.append(record)
+        seen.add(record.worker)
+    warm_s = sum(r.timings.get("total_s", 0.0) for r in warm)
+    warm_tps = sum(r.tokens for r in warm) / warm_s if warm_s else 0.0
+    total = sum(r.timings.get("total_s", 0.0) for r in records) or 1.0
+    stages = ("read_s", "engine_s", "encode_s", "write_s")
+    share = {s: sum(r.timings.get(s, 0.0) for r in records) / total for s in stages}
+    return warm_tps, share
+
+
 def bench_suite(suite: Suite, k: int) -> dict:
     from stages.teacher import TeacherOptions
 
@@ -202,9 +243,18 @@ def bench_suite(suite: Suite, k: int) -> dict:
     )
     print(f"== {suite.name}: vLLM engine alone")
     engine_tps, _ = measure_engine(options, sequences)
+    default_tps = None
+    if not _has_cuda():
+        # Part of the same run: the engine as a Dask worker started it before
+        # `cluster.engine_cpus`: vLLM's own binding (one core reserved) under the nanny's
+        # thread limits of 1.
+        print(f"== {suite.name}: vLLM engine alone, as a worker ran it before engine_cpus")
+        with _env({BIND_ENV: "auto", **dict.fromkeys(THREAD_LIMIT_ENVS, "1")}):
+            default_tps, _ = measure_engine(options, sequences)
     # Steady state: everything that scales with the data (planning incl. tokenisation + tasks).
     steady_s = summary.plan_s + summary.engine_s
     pipeline_tps = tokens / steady_s if steady_s else 0.0
+    warm_tps, stage_share = task_breakdown(out)
     return {
         "suite": suite.name,
         "model": str(suite.model_dir.relative_to(REPO_ROOT)),
@@ -214,15 +264,34 @@ def bench_suite(suite: Suite, k: int) -> dict:
         "tokens": tokens,
         "floor_tokens_per_s": floor_tps,
         "vllm_engine_tokens_per_s": engine_tps,
+        "vllm_engine_default_binding_tokens_per_s": default_tps,
+        "engine_cpus": os.environ.get(BIND_ENV),
         "pipeline_tokens_per_s": pipeline_tps,
         "pipeline_wall_tokens_per_s": tokens / run["wall_s"],
         "pipeline_wall_s": run["wall_s"],
         "ratio_engine_to_floor": engine_tps / floor_tps,
         "ratio_pipeline_to_floor": pipeline_tps / floor_tps,
+        "pipeline_warm_tasks_tokens_per_s": warm_tps,
+        "ratio_warm_tasks_to_floor": warm_tps / floor_tps,
+        "task_time_share": stage_share,
         "ratio_pipeline_wall_to_floor": tokens / run["wall_s"] / floor_tps,
         "bytes_per_token_on_disk": summary.bytes_per_token,
         "bytes_per_token_by_codec": codec_bytes(scored, sequences, k),
     }
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _has_cuda() -> bool:
@@ -241,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The in-process engines (floor, vLLM alone) get the cores a single pipeline worker gets.
+    bind_engine_cpus(engine_cpus(AUTO, None, None, allowed_cpus()))
 
     teacher = _teacher_dir() if args.suite != "align" else None
     suites = []
@@ -298,15 +369,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def render_table(results: list[dict]) -> str:
     head = (
-        f"{'suite':<16} {'tokens':>8} {'floor tok/s':>12} {'vLLM tok/s':>11} "
-        f"{'pipeline tok/s':>15} {'pipe/floor':>10} {'wall/floor':>10} {'B/token':>8}"
+        f"{'suite':<16} {'tokens':>8} {'floor tok/s':>12} {'vLLM tok/s':>11} {'(default)':>10} "
+        f"{'pipeline tok/s':>15} {'pipe/floor':>10} {'warm/floor':>10} {'wall/floor':>10} "
+        f"{'B/token':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
             f"{r['suite']:<16} {r['tokens']:>8,} {r['floor_tokens_per_s']:>12,.0f} "
-            f"{r['vllm_engine_tokens_per_s']:>11,.0f} {r['pipeline_tokens_per_s']:>15,.0f} "
-            f"{r['ratio_pipeline_to_floor']:>10.2f} {r['ratio_pipeline_wall_to_floor']:>10.2f} "
+            f"{r['vllm_engine_tokens_per_s']:>11,.0f} "
+            f"{r.get('vllm_engine_default_binding_tokens_per_s') or 0:>10,.0f} "
+            f"{r['pipeline_tokens_per_s']:>15,.0f} "
+            f"{r['ratio_pipeline_to_floor']:>10.2f} {r['ratio_warm_tasks_to_floor']:>10.2f} "
+            f"{r['ratio_pipeline_wall_to_floor']:>10.2f} "
             f"{r['bytes_per_token_on_disk']:>8.1f}"
         )
         codecs = ", ".join(f"{c} {b:.1f}" for c, b in r["bytes_per_token_by_codec"].items())

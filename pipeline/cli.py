@@ -43,7 +43,7 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides, model)
     if args.command == "generate-teacher" and cfg.generation is None:
         raise ValueError(f"{args.config} has no `generation:` section; generate-teacher needs one")
-    summary = run_cache_teacher(cfg, log=lambda msg: print(msg, flush=True))
+    summary = run_cache_teacher(cfg, log=lambda msg: print(msg, flush=True), verify=args.verify)
     print(summary.render(), flush=True)
     _write_json(args.summary_json, summary.as_dict())
     return 0
@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         cache.add_argument("--n-workers", type=int, help="LocalCluster worker processes")
         cache.add_argument(
             "--overwrite", action="store_true", help="replace a shard set made from another config"
+        )
+        cache.add_argument(
+            "--verify",
+            action="store_true",
+            help="also re-hash every done shard (sha256, as Dask tasks) before resuming; by "
+            "default a rerun checks completion records and sizes only",
         )
         cache.add_argument("--summary-json", help="also write the summary as JSON here")
         cache.set_defaults(func=_cache_teacher)

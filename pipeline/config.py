@@ -11,11 +11,12 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from pipeline.cpus import check_spec
 from stages.prompts import InputOptions, PrepareOptions
 from stages.teacher import GenerationOptions, TeacherOptions
 from stages.train.options import DataOptions, LossOptions, StudentOptions, TrainOptions
@@ -55,6 +56,12 @@ class ClusterOptions(BaseModel):
     )
     retries: int = Field(2, ge=0, description="Dask retries per shard task.")
     dashboard: bool = False
+    engine_cpus: Annotated[str, AfterValidator(check_spec)] = Field(
+        "auto",
+        description="Cores each CPU engine binds to: auto (its worker's share of the cores), "
+        "vllm (vLLM's default, one core reserved) or a list such as 0-3 or 0-3|4-7 "
+        "(one group per LocalCluster worker). See pipeline/cpus.py.",
+    )
 
 
 def task_resources(cluster: ClusterOptions, engine: TeacherOptions) -> dict[str, float] | None:

@@ -26,7 +26,7 @@ from stages.teacher.engine import LOGPROBS_MODE
 from stages.teacher.stage import TeacherShardTask, run_teacher_shard
 from storage.card import write_dataset_card
 from storage.layout import ShardSetLayout
-from storage.manifest import DoneRecord, Plan, read_done, verify_shard
+from storage.manifest import DoneRecord, Plan, read_done, read_plan, verify_shard
 from storage.reader import ShardSet
 
 Log = Callable[[str], None]
@@ -183,11 +183,12 @@ def _task_spec(cfg: ShardJobConfig, plan: Plan, index: int, tok_fp: str) -> str:
 
 
 def run_cache_teacher(
-    cfg: ShardJobConfig, *, client: Client | None = None, log: Log = print
+    cfg: ShardJobConfig, *, client: Client | None = None, log: Log = print, verify: bool = False
 ) -> RunSummary:
     """Plan, run the missing shards on Dask and write the dataset card. Idempotent.
 
     Runs every shard job: cache-teacher, generate-teacher and (a `RolloutConfig`) rollout.
+    ``verify`` re-hashes the shards already done (Dask tasks) and redoes any that changed.
     """
     started = time.perf_counter()
     layout = ShardSetLayout.from_url(cfg.output.path)
@@ -208,15 +209,18 @@ def run_cache_teacher(
             + (" (resuming)" if outcome.reused else "")
         )
 
-        todo: list[int] = []
-        redone: dict[str, str] = {}
-        for shard in plan.shards:
-            ok, why = verify_shard(layout, plan, shard.index)
-            if not ok:
-                todo.append(shard.index)
-                if why != "no completion record":
-                    redone[shard.name] = why
-                    log(f"redoing {shard.name}: {why}")
+        # Metadata only (record, plan fingerprint, size): O(shards) small reads, whatever the
+        # shards weigh. The reader still hashes every shard it reads; --verify hashes them now.
+        reasons = {
+            i: verify_shard(layout, plan, i, check_sha256=False)[1] for i in range(plan.num_shards)
+        }
+        if verify:
+            intact = [i for i, why in reasons.items() if why == "ok"]
+            reasons.update(verify_shards(connect(), cfg.output.path, intact, log))
+        todo = [i for i, why in reasons.items() if why != "ok"]
+        redone = {plan.shard(i).name: why for i, why in reasons.items() if why not in _NOT_REDONE}
+        for name, why in redone.items():
+            log(f"redoing {name}: {why}")
 
         records: dict[int, DoneRecord] = {}
         if todo:
@@ -254,6 +258,37 @@ def run_cache_teacher(
     return summary
 
 
+_NOT_REDONE = ("ok", "no completion record")
+_VERIFY_CHUNK = 32  # shards per verification task: one plan read amortised over many hashes
+
+
+def _verify_chunk(url: str, indices: list[int]) -> dict[int, str]:
+    """A Dask task: the sha256 check of some shards against their completion records."""
+    layout = ShardSetLayout.from_url(url)
+    plan = read_plan(layout)
+    if plan is None:
+        return dict.fromkeys(indices, "plan missing")
+    return {i: verify_shard(layout, plan, i, check_sha256=True)[1] for i in indices}
+
+
+def verify_shards(client: Client, url: str, indices: list[int], log: Log) -> dict[int, str]:
+    """Hash shards ``indices`` of the set at ``url`` in parallel on the cluster."""
+    if not indices:
+        return {}
+    t = time.perf_counter()
+    chunks = [indices[i : i + _VERIFY_CHUNK] for i in range(0, len(indices), _VERIFY_CHUNK)]
+    futures = client.map(_verify_chunk, [url] * len(chunks), chunks, pure=False)
+    reasons: dict[int, str] = {}
+    for result in client.gather(futures):
+        reasons.update(result)
+    bad = sum(why != "ok" for why in reasons.values())
+    log(
+        f"verified {len(indices)} done shard(s) by sha256 in {time.perf_counter() - t:.1f} s "
+        f"({len(chunks)} task(s)): {bad} damaged"
+    )
+    return reasons
+
+
 def _sum_counts(records: list[DoneRecord]) -> dict[str, int]:
     total: dict[str, int] = {}
     for record in records:
@@ -272,7 +307,7 @@ def _run_tasks(
 ) -> dict[int, DoneRecord]:
     rollout = isinstance(cfg, RolloutConfig)
     role = "policy" if rollout else "teacher"
-    ensure_engine_plugin(client, cfg.teacher, role)
+    ensure_engine_plugin(client, cfg.teacher, role, cfg.cluster)
     # Keys are unique per run: a key still held by the scheduler from an earlier run on the
     # same cluster would hand back that run's result instead of redoing the shard.
     run_id = uuid.uuid4().hex[:8]

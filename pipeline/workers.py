@@ -17,7 +17,8 @@ from typing import Literal
 
 from distributed import Client, WorkerPlugin, get_worker
 
-from pipeline.config import fingerprint
+from pipeline.config import ClusterOptions, fingerprint
+from pipeline.cpus import AUTO, allowed_cpus, bind_engine_cpus, engine_cpus
 from stages.teacher import TeacherEngine, TeacherOptions, load_engine
 
 Role = Literal["teacher", "policy"]
@@ -25,15 +26,30 @@ PLUGIN_NAMES: dict[str, str] = {"teacher": "logitforge-teacher", "policy": "logi
 
 
 class EnginePlugin(WorkerPlugin):
-    """Holds the worker's engine of one role. Options travel as JSON, never as live objects."""
+    """Holds the worker's engine of one role. Options travel as JSON, never as live objects.
 
-    def __init__(self, options: TeacherOptions, role: Role = "teacher") -> None:
+    ``engine_cpus`` and ``n_local`` decide the cores the engine binds to (`pipeline.cpus`):
+    ``n_local`` is the LocalCluster's worker count, None on an external cluster.
+    """
+
+    def __init__(
+        self,
+        options: TeacherOptions,
+        role: Role = "teacher",
+        engine_cpus: str = AUTO,
+        n_local: int | None = None,
+    ) -> None:
         self.name = PLUGIN_NAMES[role]
         self.role = role
         self.options_json = options.model_dump_json()
+        self.engine_cpus = engine_cpus
+        self.n_local = n_local
         # The policy's checkpoint changes every round without making the engine stale.
         exclude = {"model"} if role == "policy" else None
-        self.fingerprint = fingerprint(options.model_dump(exclude=exclude))
+        self.fingerprint = fingerprint(
+            {**options.model_dump(exclude=exclude), "cpus": [engine_cpus, n_local]}
+        )
+        self.cpus: list[int] | None = None  # the cores the engine was bound to
         self._engine: TeacherEngine | None = None
         self.last_switch: dict[str, float] = {}  # {"load_s" | "swap_s" | "reload_s": s}
 
@@ -45,7 +61,7 @@ class EnginePlugin(WorkerPlugin):
         self.last_switch = {}
         t = time.perf_counter()
         if self._engine is None:
-            self._engine = load_engine(options)
+            self._engine = self._load(options)
             how = "load"
         elif self._engine.options.model != options.model:
             try:
@@ -53,12 +69,20 @@ class EnginePlugin(WorkerPlugin):
                 how = "swap"
             except (AttributeError, ValueError):  # no swap, or another architecture
                 self._engine.close()
-                self._engine = load_engine(options)
+                self._engine = self._load(options)
                 how = "reload"
         else:
             return self._engine
         self.last_switch = {f"{how}_s": time.perf_counter() - t}
         return self._engine
+
+    def _load(self, options: TeacherOptions) -> TeacherEngine:
+        name = get_worker().name
+        # LocalCluster names its workers 0..n-1; an external worker's name says nothing.
+        index = name if isinstance(name, int) and self.n_local else None
+        self.cpus = engine_cpus(self.engine_cpus, index, self.n_local, allowed_cpus())
+        bind_engine_cpus(self.cpus)
+        return load_engine(options)
 
     def teardown(self, worker) -> None:
         if self._engine is not None:
@@ -99,13 +123,21 @@ def close_engines(client: Client) -> None:
     client.run(_close, on_error="ignore")
 
 
-def ensure_engine_plugin(client: Client, options: TeacherOptions, role: Role = "teacher") -> None:
+def ensure_engine_plugin(
+    client: Client,
+    options: TeacherOptions,
+    role: Role = "teacher",
+    cluster: ClusterOptions | None = None,
+) -> None:
     """Register the engine plugin unless every worker already holds one for these options.
 
     Re-registering would tear down and reload a warm engine (tens of seconds), so a cluster
     reused across runs (or on-policy rounds) with the same engine keeps its engines.
+    ``cluster`` gives the core binding (`ClusterOptions.engine_cpus`; default auto).
     """
-    plugin = EnginePlugin(options, role)
+    cluster = cluster or ClusterOptions()
+    n_local = None if cluster.scheduler else cluster.n_workers
+    plugin = EnginePlugin(options, role, cluster.engine_cpus, n_local)
     name = PLUGIN_NAMES[role]
 
     def _current(dask_worker) -> str | None:

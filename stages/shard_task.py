@@ -24,6 +24,17 @@ from storage.schema import ShardSetMetadata
 from storage.writer import write_parquet_atomic
 
 
+def worker_label() -> str:
+    """Which process wrote a shard: the host, plus the Dask worker's name inside one."""
+    host = socket.gethostname()
+    try:
+        from distributed import get_worker
+
+        return f"{host}/{get_worker().name}"
+    except (ImportError, ValueError):  # not inside a Dask worker (tests, a direct call)
+        return host
+
+
 class ShardTask(BaseModel):
     """The part of a task every stage needs (plain data, cheap to ship to a worker)."""
 
@@ -85,7 +96,7 @@ def write_shard(
         timings=timings,
         counts=counts,
         finished_at=datetime.now(timezone.utc).isoformat(),
-        worker=socket.gethostname(),
+        worker=worker_label(),
     )
     write_done(layout, record)
     return record

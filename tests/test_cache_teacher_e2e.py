@@ -19,7 +19,7 @@ import yaml
 
 from pipeline.config import CacheTeacherConfig
 from pipeline.execute import run_cache_teacher
-from storage.reader import LogitBatch, ShardSet
+from storage.reader import LogitBatch, ShardCorruptedError, ShardSet
 from tests.conftest import (
     BUNDLED_PROMPTS,
     REPO_ROOT,
@@ -126,7 +126,12 @@ def test_rerun_of_a_finished_run_does_nothing(reference_run, dask_client):
     assert {p.name: p.stat().st_mtime_ns for p in (out / "data").iterdir()} == before
 
 
-def test_corrupted_and_truncated_shards_are_redone(reference_run, dask_client, tmp_path):
+def test_damaged_shards_are_redone_bit_flips_by_verify_and_caught_by_the_reader(
+    reference_run, dask_client, tmp_path
+):
+    """A rerun checks records and sizes only (no shard is read back): a truncated shard and a
+    missing record are redone. A flipped bit, same size, is caught by the reader, and redone
+    by a rerun with ``verify`` (sha256 as Dask tasks)."""
     out, _, settings = reference_run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
@@ -138,15 +143,26 @@ def test_corrupted_and_truncated_shards_are_redone(reference_run, dask_client, t
     shard3.write_bytes(shard3.read_bytes()[:1000])
     (copy / ".logitforge" / "done" / "train-00005.json").unlink()  # died before its record
 
-    settings = {**settings, "output": {**settings["output"], "path": str(copy)}}
-    logs: list[str] = []
-    summary = run_cache_teacher(
-        CacheTeacherConfig.model_validate(settings), client=dask_client, log=logs.append
+    cfg = CacheTeacherConfig.model_validate(
+        {**settings, "output": {**settings["output"], "path": str(copy)}}
     )
-    assert summary.shards_run == 3
-    assert "sha256 mismatch" in summary.redone["train-00000-of-00007.parquet"]
+    summary = run_cache_teacher(cfg, client=dask_client, log=lambda _: None)
+    assert summary.shards_run == 2
     assert "truncated" in summary.redone["train-00003-of-00007.parquet"]
     assert "train-00005-of-00007.parquet" not in summary.redone  # simply not done yet
+    assert "train-00000-of-00007.parquet" not in summary.redone  # not read back by default
+    with pytest.raises(ShardCorruptedError, match="sha256 mismatch"):
+        ShardSet.open(str(copy)).to_batch(strict=True)
+
+    logs: list[str] = []
+    summary = run_cache_teacher(cfg, client=dask_client, log=logs.append, verify=True)
+    assert summary.shards_run == 1
+    assert summary.redone == {
+        "train-00000-of-00007.parquet": "sha256 mismatch: shard corrupted or truncated"
+    }
+    assert any(
+        "verified 7 done shard(s) by sha256" in line and "1 damaged" in line for line in logs
+    )
     _assert_same_rows(
         ShardSet.open(str(copy)).to_batch(strict=True), ShardSet.open(str(out)).to_batch()
     )
