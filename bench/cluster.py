@@ -371,6 +371,15 @@ def measure(
     }
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (results differ across machines: compare ratios within one run)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def _median(values: list[float]) -> float:
     values = sorted(values)
     mid = len(values) // 2
@@ -438,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "bench": "cluster",
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": cpus, "platform": platform.platform(), "cpu": platform.processor()},
+        "machine": {"cpus": cpus, "platform": platform.platform(), "cpu": _cpu_model()},
         "args": {**vars(args), "work_dir": str(args.work_dir)},
         "runs": runs,
         "compare": compare(runs, chosen),
