@@ -311,7 +311,10 @@ def _run_tasks(
     # Keys are unique per run: a key still held by the scheduler from an earlier run on the
     # same cluster would hand back that run's result instead of redoing the shard.
     run_id = uuid.uuid4().hex[:8]
-    futures = [
+    # Only as_completed holds the futures: each is released as soon as its record is read.
+    # A finished shard is on storage; if the driver kept its future, the loss of the worker
+    # holding the (tiny) result would make the scheduler recompute the whole shard.
+    pending = as_completed(
         client.submit(
             _rollout_task if rollout else _teacher_task,
             _task_spec(cfg, plan, index, tok_fp),
@@ -321,20 +324,21 @@ def _run_tasks(
             pure=False,
         )
         for index in todo
-    ]
-    log(f"submitted {len(futures)} shard task(s); the first waits for the engine to load")
+    )
+    log(f"submitted {len(todo)} shard task(s); the first waits for the engine to load")
     records: dict[int, DoneRecord] = {}
     rows = tokens = 0
     task_s = 0.0
-    for future in as_completed(futures):
+    for future in pending:
         record = DoneRecord.model_validate(future.result())
+        future.release()
         records[record.index] = record
         rows += record.rows
         tokens += record.tokens
         task_s += record.timings.get("total_s", 0.0)
         # Rate over task time: the engine's one-off start would swamp a wall-clock rate.
         log(
-            f"[{len(records)}/{len(futures)} shards] {record.shard}: {record.rows} rows, "
+            f"[{len(records)}/{len(todo)} shards] {record.shard}: {record.rows} rows, "
             f"{record.tokens:,} tokens in {record.timings.get('total_s', 0):.1f} s | "
             f"total {rows:,} rows, {tokens:,} tokens, {tokens / max(task_s, 1e-9):,.0f} tokens/s"
         )

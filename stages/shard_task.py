@@ -53,17 +53,28 @@ class CorruptPromptShardError(RuntimeError):
 
 
 def read_prompt_shard(task: ShardTask) -> pa.Table:
-    """The task's frozen prompt rows, verified against the plan's sha256."""
+    """The task's frozen prompt rows, verified against the plan's sha256.
+
+    A damaged prompt shard is removed before the error: a rerun's plan check looks at sizes
+    only, so a same-size corruption left in place would fail every rerun instead of being
+    rebuilt from the input.
+    """
     layout = ShardSetLayout.from_url(task.output_url)
     path = layout.prompts_path(task.index)
-    with layout.fs.open(path, "rb") as f:
-        data = f.read()  # one read serves both the checksum and the parse
+    try:
+        with layout.fs.open(path, "rb") as f:
+            data = f.read()  # one read serves both the checksum and the parse
+    except FileNotFoundError:
+        raise CorruptPromptShardError(
+            f"prompt shard {path} is missing; rerun the same command to rebuild it"
+        ) from None
     if task.prompts_sha256 is not None:
         actual = hashlib.sha256(data).hexdigest()
         if actual != task.prompts_sha256:
+            layout.fs.rm(path)
             raise CorruptPromptShardError(
-                f"prompt shard {path} does not match the plan (sha256 {actual[:12]}…); "
-                "rerun the same command to rebuild it"
+                f"prompt shard {path} does not match the plan (sha256 {actual[:12]}…) and was "
+                "removed; rerun the same command to rebuild it"
             )
     return pq.read_table(pa.BufferReader(data))
 

@@ -196,11 +196,5 @@ def test_every_row_once_and_equal_to_an_uninterrupted_run(
     assert set(all_ids) == set(bundled)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the driver keeps every future until the job ends, so the finished shards whose "
-    "results sat on the lost worker are computed again (fix: release each future once its "
-    "completion record is read)",
-)
 def test_shards_the_lost_worker_finished_are_not_redone(killed_run: KilledRun) -> None:
     assert killed_run.rewritten == []

@@ -196,3 +196,37 @@ def test_cli_reports_bad_input_with_exit_code_2(teacher_dir, tmp_path, capsys):
     assert main(["cache-teacher", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("logitforge: error: input row 1 (line 2")
+
+
+def test_same_size_damaged_prompt_shard_is_removed_by_its_task_then_rebuilt(
+    teacher_dir, small_input, tmp_path
+):
+    """The reuse check compares sizes only; the shard task's sha256 check catches a flipped
+    byte, removes the file, and the next plan check rebuilds it from the input."""
+    from stages.shard_task import CorruptPromptShardError, ShardTask, read_prompt_shard
+
+    out = tmp_path / "out"
+    cfg = _cfg(teacher_dir, small_input, out)
+    layout = ShardSetLayout.from_url(str(out))
+    plan = make_plan(cfg, layout).plan
+    path = Path(layout.prompts_path(1))
+    good = path.read_bytes()
+    damaged = bytearray(good)
+    damaged[len(damaged) // 2] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    assert make_plan(cfg, layout).reused  # same size: the metadata check passes
+    task = ShardTask(
+        output_url=str(out),
+        index=1,
+        num_shards=plan.num_shards,
+        plan_fingerprint=plan.fingerprint,
+        prompts_sha256=plan.shard(1).prompts_sha256,
+        metadata={},
+    )
+    with pytest.raises(CorruptPromptShardError, match="was removed"):
+        read_prompt_shard(task)
+    assert not path.exists()
+    logs: list[str] = []
+    assert make_plan(cfg, layout, log=logs.append).plan == plan
+    assert path.read_bytes() == good
+    assert read_prompt_shard(task).num_rows == 10
