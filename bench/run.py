@@ -15,7 +15,7 @@ Plus the student loader's tokens/s against a training step's consumption (bench/
 
 Plus planning (bench/plan.py): rows/s and driver peak RSS of planning on a LocalCluster at
 100k and 1M synthetic rows (10M with --slow), against the in-driver planner at the same sizes
-(~3 minutes, so only with --suite plan).
+(~3 minutes of `make bench`).
 
 Plus cross-tokenizer alignment: vectorised `align_spans` against its per-token reference on
 the same rows, and `Aligner.align` end to end (bench/align.py; a few seconds, no teacher).
@@ -330,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite in ("llama45m", "all"):
         model = make_llama45m(WORK_DIR / "llama45m", teacher)
         data = make_text_rows(WORK_DIR / "llama45m-text.jsonl", args.rows, args.seq_len, seed=0)
-        # bf16 on a GPU; on CPUs without AVX512-BF16/AMX (these machines: AVX2 only) bf16
-        # matmuls are emulated: the floor measured ~3x slower than float32 here.
+        # bf16 on a GPU; float32 on CPUs, where bf16 matmuls are emulated without
+        # AVX512-BF16/AMX (the floor measured ~3x slower than float32 on an AVX2 machine).
         dtype = "bfloat16" if _has_cuda() else "float32"
         suites.append(Suite(f"llama45m-{dtype}", model, data, dtype, args.seq_len + 8, 16))
 
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
         align = report["align"] = bench_align()
     planning = None
-    if args.suite == "plan":
+    if args.suite in ("plan", "all"):
         from bench.plan import bench_plan
 
         sizes = (100_000, 1_000_000, 10_000_000) if args.slow else (100_000, 1_000_000)
