@@ -243,12 +243,6 @@ def _running(proc: psutil.Process) -> bool:
         return False
 
 
-def worker_progress(dask_worker) -> tuple[str, int, int]:
-    """(name, tasks executed, tasks executing) of one worker; run with `Client.run`."""
-    state = dask_worker.state
-    return str(dask_worker.name), state.executed_count, state.executing_count
-
-
 # ---------------------------------------------------------------- the measurement
 
 

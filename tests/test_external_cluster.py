@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from bench.cluster import ExternalCluster, WorkerSpec, worker_progress
+from bench.cluster import ExternalCluster, WorkerSpec
 from pipeline.config import CacheTeacherConfig
 from pipeline.execute import run_cache_teacher
 from storage.layout import ShardSetLayout
@@ -33,9 +33,10 @@ from tests.test_cache_teacher_e2e import _assert_same_rows
 
 pytestmark = pytest.mark.slow
 
-ROWS_PER_SHARD = 128  # 2,048 bundled rows: 16 shards of ~0.2 s each once an engine is warm
-NUM_SHARDS = 16
-POLL_S = 0.05
+ROWS_PER_SHARD = 256  # 2,048 bundled rows: 8 shards of ~0.4 s each once an engine is warm
+NUM_SHARDS = 8
+POLL_S = 0.02
+SHARD_KEY = "teacher-"  # the key prefix of shard tasks (planning runs on the cluster too)
 
 
 def _settings(out: Path, teacher_dir: Path) -> dict:
@@ -77,14 +78,44 @@ def _done_mtimes(done_dir: Path, seen: dict[str, set[int]]) -> None:
             seen.setdefault(path.name, set()).add(path.stat().st_mtime_ns)
 
 
-def _pick_victim(progress: dict[str, tuple[int, int]], before: dict) -> str | None:
-    """A worker whose engine is warm (a shard done) and that is inside a shard now.
+def _shards_executing(dask_worker) -> tuple[str, list[str]]:
+    """(name, keys of the shard tasks it is executing now); run with `Client.run`."""
+    keys = [str(ts.key) for ts in dask_worker.state.executing]
+    return str(dask_worker.name), [k for k in keys if k.startswith(SHARD_KEY)]
 
-    Same executed count on two polls in a row: its last shard ended at least one poll ago,
-    long enough for the driver to have read that result, so the kill lands mid-shard.
-    """
-    for name, (executed, executing) in sorted(progress.items()):
-        if executed >= 1 and executing >= 1 and before.get(name) == (executed, executing):
+
+def _shard_results_held(dask_scheduler) -> list[str]:
+    """Names of the workers holding a finished shard's result the driver has not released."""
+    return sorted(
+        {
+            str(ws.name)
+            for key, ts in dask_scheduler.tasks.items()
+            if str(key).startswith(SHARD_KEY) and ts.state == "memory"
+            for ws in ts.who_has
+        }
+    )
+
+
+def _done_by_worker(done_dir: Path) -> dict[str, int]:
+    """Completion records per writing worker (a record names its host and Dask worker)."""
+    counts: dict[str, int] = {}
+    for path in done_dir.glob("*.json") if done_dir.exists() else ():
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            name = json.loads(path.read_text())["worker"].rsplit("/", 1)[-1]
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _pick_victim(
+    executing: dict[str, list[str]], started: dict[str, float], held: list[str], done: dict
+) -> str | None:
+    """A worker to lose now: its engine is warm (it wrote a shard), the driver has released
+    every result it finished (else the scheduler would rightly recompute that one), and the
+    shard it is inside started within the last few polls, so the kill lands mid-shard."""
+    now = time.monotonic()
+    for name, keys in sorted(executing.items()):
+        fresh = any(now - started[k] < 6 * POLL_S for k in keys)
+        if done.get(name, 0) >= 1 and fresh and name not in held:
             return name
     return None
 
@@ -113,15 +144,18 @@ def killed_run(tmp_path_factory, teacher_dir) -> KilledRun:
             )
         try:
             seen: dict[str, set[int]] = {}
-            before: dict[str, tuple[int, int]] = {}
+            started: dict[str, float] = {}  # shard key -> when a poll first saw it executing
             victim = None
             deadline = time.monotonic() + 300
             while victim is None and driver.poll() is None and time.monotonic() < deadline:
-                progress = {n: (e, x) for n, e, x in client.run(worker_progress).values()}
-                victim = _pick_victim(progress, before)
-                before = progress
+                executing = dict(client.run(_shards_executing).values())
+                for key in (k for keys in executing.values() for k in keys):
+                    started.setdefault(key, time.monotonic())
+                held = client.run_on_scheduler(_shard_results_held)
+                victim = _pick_victim(executing, started, held, _done_by_worker(done_dir))
                 _done_mtimes(done_dir, seen)
-                time.sleep(POLL_S)
+                if victim is None:
+                    time.sleep(POLL_S)
             assert victim is not None, "the run ended (or stalled) before a worker could be lost"
             done_at_kill = len(list(done_dir.glob("*.json")))
             killed, orphans = cluster.kill_worker(victim)
@@ -132,7 +166,7 @@ def killed_run(tmp_path_factory, teacher_dir) -> KilledRun:
             # A result lost with the worker may still be recomputed after the driver left.
             idle_by = time.monotonic() + 60
             while time.monotonic() < idle_by and any(
-                executing for _, _, executing in client.run(worker_progress).values()
+                keys for _, keys in client.run(_shards_executing).values()
             ):
                 time.sleep(POLL_S)
             _done_mtimes(done_dir, seen)

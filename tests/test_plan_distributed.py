@@ -286,3 +286,19 @@ def test_reuse_needs_no_cluster_and_reads_no_prompt_bytes(teacher_dir, tmp_path)
     rebuilt = _plan(cfg, out, partition_bytes=64)
     assert rebuilt.plan == again.plan
     assert shard.read_bytes() == good
+
+
+def test_rows_work_file_batches_do_not_follow_the_input_chunks(tmp_path, monkeypatch):
+    """`cut_task` finds a row's batch by division, so batches must be exactly
+    WORK_BATCH_ROWS long however the table was chunked (a shard-set input is one chunk per
+    file)."""
+    from stages.prompts import planning
+
+    monkeypatch.setattr(planning, "WORK_BATCH_ROWS", 4)
+    table = pa.concat_tables(
+        [pa.table({"pos": pa.array(range(lo, hi))}) for lo, hi in ((0, 3), (3, 5), (5, 11))]
+    )
+    planning.write_rows(str(tmp_path), 0, table)
+    fs, path = planning.work_path(str(tmp_path), "rows", 0)
+    assert planning._read_batches(fs, path, [1]).column("pos").to_pylist() == [4, 5, 6, 7]
+    assert planning._read_batches(fs, path).column("pos").to_pylist() == list(range(11))

@@ -169,9 +169,15 @@ def error_from_json(data: dict) -> InputError:
 
 
 def write_rows(work_url: str, index: int, table: pa.Table) -> None:
-    """A partition's kept prompt rows, in batches of `WORK_BATCH_ROWS` for partial reads."""
+    """A partition's kept prompt rows, in batches of exactly `WORK_BATCH_ROWS` (the last one
+    shorter), so `cut_task` can find a row's batch by division.
+
+    Chunks are combined first: a table read from several files (a shard-set input) is chunked
+    per file, and `to_batches` would otherwise cut a short batch at every chunk boundary.
+    """
     fs, path = work_path(work_url, "rows", index)
-    _write_ipc(fs, path, table.schema, table.to_batches(max_chunksize=WORK_BATCH_ROWS))
+    batches = table.combine_chunks().to_batches(max_chunksize=WORK_BATCH_ROWS)
+    _write_ipc(fs, path, table.schema, batches)
 
 
 def count_task(part_json: str) -> list[int]:
