@@ -30,6 +30,7 @@ code relies on, read in vLLM 0.32's source:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -79,6 +80,13 @@ class VllmTeacher:
     name = "vllm"
 
     def __init__(self, options: TeacherOptions) -> None:
+        # vLLM configures its loggers only when an engine applies its config: what its modules
+        # log while importing (Triton's "doesn't include CPU backend") reaches Python's
+        # last-resort handler whatever VLLM_LOGGING_LEVEL says. Apply that level first; forked
+        # engine processes inherit it.
+        level = os.environ.get("VLLM_LOGGING_LEVEL")
+        if level:
+            logging.getLogger("vllm").setLevel(level.upper())
         import vllm
         from vllm.platforms import current_platform
 
