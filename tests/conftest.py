@@ -128,6 +128,24 @@ def heldout_cache(tmp_path_factory, teacher_dir, dask_client) -> Path:
     return _task_cache(tmp_path_factory, teacher_dir, dask_client, "heldout", 128)
 
 
+def plan_config(teacher_dir: Path, input_path: Path, out: Path, rows_per_shard: int, *extra: str):
+    """A cache-teacher config for planning tests: the embedded teacher at k=8, ``extra``
+    overrides last."""
+    from pipeline.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"input.path={input_path}",
+            f"teacher.model={teacher_dir}",
+            "teacher.k=8",
+            f"output.path={out}",
+            f"output.rows_per_shard={rows_per_shard}",
+            *extra,
+        ],
+    )
+
+
 def cli_env() -> dict[str, str]:
     """The environment a CLI subprocess of the tests runs in (this checkout importable)."""
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

@@ -8,28 +8,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
 from pipeline.execute import run_cache_teacher
 from pipeline.plan import make_plan
 from stages.prompts import InputError
 from stages.teacher.engine import EngineLimitError
 from storage.layout import ShardSetLayout
 from storage.manifest import PlanMismatchError, read_plan
-from tests.conftest import BUNDLED_PROMPTS, read_jsonl, write_jsonl
+from tests.conftest import BUNDLED_PROMPTS, plan_config, read_jsonl, write_jsonl
 
 
 def _cfg(teacher_dir: Path, input_path: Path, out: Path, *extra: str):
-    return load_config(
-        None,
-        [
-            f"input.path={input_path}",
-            f"teacher.model={teacher_dir}",
-            "teacher.k=8",
-            f"output.path={out}",
-            "output.rows_per_shard=10",
-            *extra,
-        ],
-    )
+    return plan_config(teacher_dir, input_path, out, 10, *extra)
 
 
 @pytest.fixture

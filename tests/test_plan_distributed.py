@@ -11,28 +11,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
 from pipeline.plan import EmptyInputError, load_tokenizer, make_plan, max_row_tokens
 from stages.prompts import InputError, load_rows, prepare_prompts
 from storage.layout import ShardSetLayout
 from storage.manifest import read_plan
 from storage.writer import parquet_bytes
+from tests.conftest import plan_config
 
 ROWS_PER_SHARD = 7
 
 
 def _cfg(teacher_dir: Path, input_path: Path, out: Path, *extra: str):
-    return load_config(
-        None,
-        [
-            f"input.path={input_path}",
-            f"teacher.model={teacher_dir}",
-            "teacher.k=8",
-            f"output.path={out}",
-            f"output.rows_per_shard={ROWS_PER_SHARD}",
-            *extra,
-        ],
-    )
+    return plan_config(teacher_dir, input_path, out, ROWS_PER_SHARD, *extra)
 
 
 def _serial(cfg) -> dict:
