@@ -4,6 +4,7 @@
 #   make bench           capture throughput vs the compute floor -> bench/results/*.json
 #   make demo            cache, generate, distill 5 ways x 3 seeds, evaluate -> artifacts/demo/
 #   make demo-xtok       a student with another tokenizer from the same cache -> same results
+#   make demo-codecs     the same student from exact, compact and sampled caches -> same results
 #   make demo-onpolicy   on-policy rounds vs off-policy at equal teacher budget -> same results
 
 PYTHON ?= python3
@@ -18,7 +19,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: install teacher cache-teacher generate-teacher distill rollout onpolicy demo \
-	demo-xtok demo-onpolicy test bench lint format clean
+	demo-xtok demo-codecs demo-onpolicy test bench lint format clean
 
 install: $(STAMP)
 
@@ -62,6 +63,9 @@ demo: teacher
 
 demo-xtok: teacher
 	$(VENV)/bin/logitforge demo-xtok $(ARGS)
+
+demo-codecs: teacher
+	$(VENV)/bin/logitforge demo-codecs $(ARGS)
 
 demo-onpolicy: teacher
 	$(VENV)/bin/logitforge demo-onpolicy $(ARGS)

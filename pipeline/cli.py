@@ -1,5 +1,5 @@
 """`logitforge` command line: cache-teacher, generate-teacher, rollout, distill, onpolicy,
-align, evaluate, demo, demo-xtok, demo-onpolicy, inspect."""
+align, evaluate, demo, demo-xtok, demo-codecs, demo-onpolicy, inspect."""
 
 from __future__ import annotations
 
@@ -114,7 +114,13 @@ def _demo(args: argparse.Namespace) -> int:
 def _demo_xtok(args: argparse.Namespace) -> int:
     from pipeline.demo.run import main as demo_main
 
-    return demo_main(args.extra, xtok=True)
+    return demo_main(args.extra, demo="xtok")
+
+
+def _demo_codecs(args: argparse.Namespace) -> int:
+    from pipeline.demo.run import main as demo_main
+
+    return demo_main(args.extra, demo="codecs")
 
 
 def _demo_onpolicy(args: argparse.Namespace) -> int:
@@ -243,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     demo_xtok.set_defaults(func=_demo_xtok, passthrough=True)
+
+    demo_codecs = sub.add_parser(
+        "demo-codecs",
+        help="codec rows: the same student from exact, compact and sampled caches",
+        add_help=False,
+    )
+    demo_codecs.set_defaults(func=_demo_codecs, passthrough=True)
 
     demo_onpolicy = sub.add_parser(
         "demo-onpolicy",

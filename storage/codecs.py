@@ -33,18 +33,38 @@ _FP16_MAX = float(np.finfo(np.float16).max)  # 65504.0
 
 
 class Codec(ABC):
-    """Vectorised encoder/decoder between float32 logprobs and a storage dtype.
+    """A way to store the teacher's top-k entries; rebuilt by name on the reading side.
 
     ``name`` and ``params`` are what goes into shard metadata, so
     ``get_codec(codec.name, **codec.params)`` rebuilds an equal codec on the reading side.
+    Two families: a `ValueCodec` stores all k entries per position and only re-encodes the
+    values; a `SparseCodec` (``storage.sparse_codecs``) stores a variable number of entries
+    per position and decodes back to the same ``[T, k]`` arrays, padded with ``-inf``.
     """
 
     name: ClassVar[str]
-    value_type: ClassVar[pa.DataType]
+    sparse: ClassVar[bool] = False
 
     @property
     def params(self) -> dict[str, Any]:
         return {}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Codec) and other.name == self.name and other.params == self.params
+
+    def __hash__(self) -> int:
+        return hash((self.name, tuple(sorted(self.params.items()))))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({args})"
+
+
+class ValueCodec(Codec):
+    """Vectorised encoder/decoder between float32 logprobs and a storage dtype; ids stay
+    exact int32 and every position keeps all k entries."""
+
+    value_type: ClassVar[pa.DataType]
 
     @abstractmethod
     def encode(self, logprobs: np.ndarray) -> np.ndarray:
@@ -58,18 +78,8 @@ class Codec(ABC):
     def numpy_dtype(self) -> np.dtype:
         return np.dtype(self.value_type.to_pandas_dtype())
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Codec) and other.name == self.name and other.params == self.params
 
-    def __hash__(self) -> int:
-        return hash((self.name, tuple(sorted(self.params.items()))))
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        return f"{type(self).__name__}({args})"
-
-
-class FP32Codec(Codec):
+class FP32Codec(ValueCodec):
     """Lossless: what the engine produced, bit for bit."""
 
     name = "fp32"
@@ -82,7 +92,7 @@ class FP32Codec(Codec):
         return np.asarray(values, dtype=np.float32)
 
 
-class FP16Codec(Codec):
+class FP16Codec(ValueCodec):
     """Half precision: halves the bytes with ~3 significant digits, plenty for soft labels."""
 
     name = "fp16"
@@ -99,7 +109,7 @@ class FP16Codec(Codec):
         return np.asarray(values, dtype=np.float16).astype(np.float32)
 
 
-class Q8Codec(Codec):
+class Q8Codec(ValueCodec):
     """uint8 linear quantisation over ``[min_logprob, 0]`` with exact endpoints."""
 
     name = "q8"
@@ -137,14 +147,23 @@ class Q8Codec(Codec):
         return self._table[np.asarray(values, dtype=np.uint8)]
 
 
-_CODECS: dict[str, type[Codec]] = {c.name: c for c in (FP32Codec, FP16Codec, Q8Codec)}
-KNOWN_CODECS: tuple[str, ...] = tuple(_CODECS)
+_VALUE_CODECS: dict[str, type[Codec]] = {c.name: c for c in (FP32Codec, FP16Codec, Q8Codec)}
+
+
+def _registry() -> dict[str, type[Codec]]:
+    from storage.sparse_codecs import SPARSE_CODECS  # it builds on the classes above
+
+    return {**_VALUE_CODECS, **{c.name: c for c in SPARSE_CODECS}}
+
+
+VALUE_CODECS: tuple[str, ...] = tuple(_VALUE_CODECS)  # every position keeps all k entries
+KNOWN_CODECS: tuple[str, ...] = (*VALUE_CODECS, "compact", "sampled")
 DEFAULT_CODEC = "fp16"
 
 
 def get_codec(name: str, **params: Any) -> Codec:
     """Build a codec by name; ``params`` are the codec's keyword parameters (as stored)."""
-    cls = _CODECS.get(name)
+    cls = _registry().get(name)
     if cls is None:
         raise ValueError(f"unknown codec {name!r}; known codecs: {', '.join(KNOWN_CODECS)}")
     try:

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from storage.layout import ShardSetLayout
 from storage.manifest import DoneRecord, Plan, read_done, read_plan, verify_shard
 from storage.schema import FORMAT_VERSION, ShardSetMetadata, read_metadata
+from storage.sparse_codecs import SparseCodec, SparseEntries
 
 
 class IncompleteShardSetError(RuntimeError):
@@ -180,6 +181,36 @@ def _nested_values(table: pa.Table, name: str, k: int, offsets: np.ndarray) -> n
     return values.to_numpy(zero_copy_only=False).reshape(-1, k)
 
 
+def _per_position(table: pa.Table, name: str, offsets: np.ndarray) -> pa.Array:
+    """A ``list<X>`` column's per-position values, checking it matches ``offsets``."""
+    arr = _array(table.column(name))
+    if not np.array_equal(_offsets(arr, name), offsets):
+        raise ValueError(f"column {name} has different row lengths than input_ids")
+    inner = arr.flatten()
+    if inner.null_count:
+        raise ValueError(f"column {name} has null positions")
+    return inner
+
+
+def _sparse_entries(table: pa.Table, codec: SparseCodec, offsets: np.ndarray) -> SparseEntries:
+    """The entries a sparse codec stored: ``list<list<V>>`` columns with equal inner lengths."""
+    ids = _per_position(table, "topk_ids", offsets)
+    values = _per_position(table, "topk_logprobs", offsets)
+    counts = _offsets(ids, "topk_ids")
+    if not np.array_equal(counts, _offsets(values, "topk_logprobs")):
+        raise ValueError("columns topk_ids and topk_logprobs store different entries")
+    extra = {
+        f.name: _per_position(table, f.name, offsets).to_numpy(zero_copy_only=False)
+        for f in codec.extra_fields
+    }
+    return SparseEntries(
+        counts=np.diff(counts).astype(np.int32),
+        id_deltas=_numpy(ids.flatten(), np.int32),
+        values=values.flatten().to_numpy(zero_copy_only=False),
+        extra=extra,
+    )
+
+
 def _numpy(arr: pa.Array, dtype: type) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
 
@@ -192,8 +223,13 @@ def decode_logit_table(table: pa.Table, metadata: ShardSetMetadata) -> LogitBatc
     next_lp = _array(table.column("next_logprob"))
     if not np.array_equal(_offsets(next_lp, "next_logprob"), offsets):
         raise ValueError("column next_logprob has different row lengths than input_ids")
-    topk_ids = _nested_values(table, "topk_ids", metadata.k, offsets)
-    topk_values = _nested_values(table, "topk_logprobs", metadata.k, offsets)
+    if isinstance(codec, SparseCodec):
+        topk_ids, topk_logprobs = codec.decode_entries(
+            _sparse_entries(table, codec, offsets), metadata.k
+        )
+    else:
+        topk_ids = _nested_values(table, "topk_ids", metadata.k, offsets).astype(np.int32)
+        topk_logprobs = codec.decode(_nested_values(table, "topk_logprobs", metadata.k, offsets))
     policy_lp = None
     if "policy_logprob" in table.column_names:
         column = _array(table.column("policy_logprob"))
@@ -211,8 +247,8 @@ def decode_logit_table(table: pa.Table, metadata: ShardSetMetadata) -> LogitBatc
         row_offsets=offsets,
         input_ids=_numpy(input_ids.flatten(), np.int32),
         prompt_len=_numpy(_array(table.column("prompt_len")), np.int32),
-        topk_ids=topk_ids.astype(np.int32, copy=False),
-        topk_logprobs=codec.decode(topk_values),
+        topk_ids=topk_ids,
+        topk_logprobs=topk_logprobs,
         next_logprob=_numpy(next_lp.flatten(), np.float32),
         policy_logprob=policy_lp,
         text=table.column("text").to_pylist(),

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field, field_validator
 
 from storage.codecs import Codec, get_codec
+from storage.sparse_codecs import SparseCodec, SparseEntries
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"logitforge"
@@ -50,12 +51,22 @@ def logit_schema(codec: Codec, k: int, rollout: bool = False) -> pa.Schema:
     """Prompt columns, the rollout columns of scored rollouts, the teacher's outputs."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if isinstance(codec, SparseCodec):  # [n][<= k] each, increasing ids, delta coded
+        topk = [
+            ("topk_ids", pa.list_(pa.list_(pa.int32()))),
+            ("topk_logprobs", pa.list_(pa.list_(codec.value_type))),
+            *codec.extra_fields,
+        ]
+    else:
+        topk = [
+            ("topk_ids", pa.list_(pa.list_(pa.int32(), k))),  # [n][k], descending logprob
+            ("topk_logprobs", pa.list_(pa.list_(codec.value_type, k))),  # [n][k] encoded
+        ]
     return pa.schema(
         [
             *PROMPT_SCHEMA,
             *(ROLLOUT_FIELDS if rollout else []),
-            ("topk_ids", pa.list_(pa.list_(pa.int32(), k))),  # [n][k], descending logprob
-            ("topk_logprobs", pa.list_(pa.list_(codec.value_type, k))),  # [n][k] encoded
+            *topk,
             ("next_logprob", pa.list_(pa.float32())),  # [n], last element NaN
         ]
     )
@@ -201,14 +212,39 @@ def build_logit_table(
         flat = pa.array(values.reshape(-1), type=value_type)
         return pa.ListArray.from_arrays(row_offsets, pa.FixedSizeListArray.from_arrays(flat, k))
 
-    ids_arr = nested(topk_ids.astype(np.int32, copy=False), pa.int32())
-    lp_arr = nested(codec.encode(topk_logprobs.astype(np.float32, copy=False)), codec.value_type)
+    logprobs = topk_logprobs.astype(np.float32, copy=False)
+    if isinstance(codec, SparseCodec):
+        topk = _sparse_arrays(codec, codec.encode_entries(topk_ids, logprobs), row_offsets)
+    else:
+        topk = [
+            nested(topk_ids.astype(np.int32, copy=False), pa.int32()),
+            nested(codec.encode(logprobs), codec.value_type),
+        ]
     next_arr = pa.ListArray.from_arrays(
         row_offsets, pa.array(next_logprob.astype(np.float32, copy=False), type=pa.float32())
     )
-    return pa.Table.from_arrays(
-        [*columns, ids_arr, lp_arr, next_arr], schema=logit_schema(codec, k, rollout)
-    )
+    return pa.Table.from_arrays([*columns, *topk, next_arr], schema=logit_schema(codec, k, rollout))
+
+
+def _sparse_arrays(
+    codec: SparseCodec, entries: SparseEntries, row_offsets: pa.Array
+) -> list[pa.Array]:
+    """``topk_ids``, ``topk_logprobs`` and the codec's extra columns, nested per row."""
+    counts = entries.counts.astype(np.int64)
+    position_offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]), type=pa.int32())
+
+    def per_position(values: pa.Array) -> pa.ListArray:
+        inner = pa.ListArray.from_arrays(position_offsets, values)
+        return pa.ListArray.from_arrays(row_offsets, inner)
+
+    arrays = [
+        per_position(pa.array(entries.id_deltas, type=pa.int32())),
+        per_position(pa.array(entries.values, type=codec.value_type)),
+    ]
+    for f in codec.extra_fields:
+        values = pa.array(entries.extra[f.name], type=f.type.value_type)
+        arrays.append(pa.ListArray.from_arrays(row_offsets, values))
+    return arrays
 
 
 def _first_mismatch(arr: pa.ListArray, lengths: np.ndarray) -> int:

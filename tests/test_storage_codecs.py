@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from storage.codecs import KNOWN_CODECS, Q8Codec, get_codec
+from storage.codecs import KNOWN_CODECS, VALUE_CODECS, Q8Codec, get_codec
 
 
 def _logprobs(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -18,7 +18,7 @@ def _logprobs(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
 
 def test_known_codecs_and_value_types() -> None:
-    assert KNOWN_CODECS == ("fp32", "fp16", "q8")
+    assert KNOWN_CODECS == ("fp32", "fp16", "q8", "compact", "sampled")
     assert get_codec("fp32").value_type == pa.float32()
     assert get_codec("fp16").value_type == pa.float16()
     assert get_codec("q8").value_type == pa.uint8()
@@ -115,7 +115,7 @@ def test_q8_custom_range() -> None:
     np.testing.assert_array_equal(codec.decode(codec.encode(x))[~inside], np.float32(-5.0))
 
 
-@pytest.mark.parametrize("name", KNOWN_CODECS)
+@pytest.mark.parametrize("name", VALUE_CODECS)
 def test_codecs_preserve_shape_and_storage_dtype(name: str) -> None:
     codec = get_codec(name)
     x = _logprobs((3, 4, 5))

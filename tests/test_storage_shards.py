@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage.card import read_card_metadata, write_dataset_card
-from storage.codecs import KNOWN_CODECS, Codec, get_codec
+from storage.codecs import VALUE_CODECS, Codec, get_codec
 from storage.layout import ShardSetLayout, shard_name
 from storage.manifest import (
     DoneRecord,
@@ -215,7 +215,7 @@ def test_build_logit_table_validates_shapes() -> None:
         build_logit_table(bad, out.topk_ids, out.topk_logprobs, out.next_logprob, codec)
 
 
-@pytest.mark.parametrize("name", KNOWN_CODECS)
+@pytest.mark.parametrize("name", VALUE_CODECS)
 def test_round_trip_through_parquet(tmp_path: Path, name: str) -> None:
     codec = get_codec(name)
     lengths = [5, 1, 7, 3]
@@ -463,7 +463,7 @@ def test_card_front_matter(tmp_path: Path) -> None:
     assert read_card_metadata(ShardSetLayout.from_url(str(tmp_path / "nothing"))) is None
 
 
-@pytest.mark.parametrize("name", KNOWN_CODECS)
+@pytest.mark.parametrize("name", VALUE_CODECS)
 def test_datasets_loads_shard_set(tmp_path: Path, monkeypatch, name: str) -> None:
     datasets = pytest.importorskip("datasets")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

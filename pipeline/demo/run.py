@@ -95,7 +95,31 @@ XTOK_METHODS = (
         "xtok",
     ),
 )
-ALL_METHODS = METHODS + XTOK_METHODS
+# `make demo-codecs`: the same soft-label student from caches stored three ways. Each reads
+# its own cache of the training prompts ("train:<codec>"), made with that codec.
+_SOFT = {"kind": "forward_kl", "temperature": 1.0, "alpha": 1.0}
+CODEC_METHODS = (
+    Method("codec-exact", "train:fp32", _SOFT, "top-64 stored exact (fp32), forward KL, T=1"),
+    Method(
+        "codec-compact",
+        "train:compact",
+        _SOFT,
+        "top-64 stored compact (drop tail mass <= 1e-4, uint8), forward KL, T=1",
+    ),
+    Method(
+        "codec-sampled",
+        "train:sampled",
+        _SOFT,
+        "12 sampled tokens per position (Sparse Logit Sampling), forward KL, T=1",
+    ),
+)
+ALL_METHODS = METHODS + XTOK_METHODS + CODEC_METHODS
+# Each demo: its methods, and its entry under "demos" in results.json.
+DEMOS: dict[str, tuple[Method, ...]] = {
+    "distill": METHODS,
+    "xtok": XTOK_METHODS,
+    "codecs": CODEC_METHODS,
+}
 # The student tokenizer's pieces beyond single characters: the chat template's role markers.
 XTOK_PIECES = ("<|user|>", "<|assistant|>", "<|system|>")
 XTOK_TOKENIZER_VERSION = 2  # bump when the tokenizer recipe changes (2: built, not trained)
@@ -172,7 +196,9 @@ def _write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _cache_config(spec: DemoSpec, rows: Path, out: Path, generation: bool) -> dict[str, Any]:
+def _cache_config(
+    spec: DemoSpec, rows: Path, out: Path, generation: bool, codec: str = "fp16"
+) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "input": {"path": str(rows)},
         "prompts": {"append_eos": True},
@@ -182,7 +208,7 @@ def _cache_config(spec: DemoSpec, rows: Path, out: Path, generation: bool) -> di
             "dtype": "float32",
             "kv_cache_gib": 0.5,
         },
-        "output": {"path": str(out), "rows_per_shard": 1024, "codec": "fp16"},
+        "output": {"path": str(out), "rows_per_shard": 1024, "codec": codec},
     }
     if generation:
         cfg["generation"] = {"max_tokens": 16, "temperature": 0.0}
@@ -205,13 +231,17 @@ def make_caches(spec: DemoSpec, teacher_build: str, log: Log) -> dict[str, Path]
     # by the teacher's build so a rebuilt teacher never reuses an old teacher's logits.
     root = spec.out / "cache" / teacher_build
     caches = {
-        "train": (train, root / "train", False),
-        "heldout": (heldout, root / "heldout", False),
-        "generated": (train, root / "train-generated", True),
+        "train": (train, root / "train", False, "fp16"),
+        "heldout": (heldout, root / "heldout", False, "fp16"),
+        "generated": (train, root / "train-generated", True, "fp16"),
     }
+    for method in ALL_METHODS:  # "train:<codec>": the training prompts, stored with <codec>
+        if method.name in spec.methods and ":" in method.source:
+            codec = method.source.split(":", 1)[1]
+            caches[method.source] = (train, root / f"train-{codec}", False, codec)
     configs = {
-        name: CacheTeacherConfig.model_validate(_cache_config(spec, rows, out, gen))
-        for name, (rows, out, gen) in caches.items()
+        name: CacheTeacherConfig.model_validate(_cache_config(spec, rows, out, gen, codec))
+        for name, (rows, out, gen, codec) in caches.items()
     }
     first = next(iter(configs.values()))
     with dask_client(first.cluster, log) as client:
@@ -222,7 +252,7 @@ def make_caches(spec: DemoSpec, teacher_build: str, log: Log) -> dict[str, Path]
                 f"[demo]   {summary.rows:,} rows, {summary.tokens:,} tokens "
                 f"({summary.shards_run} shards run now, {summary.shards_reused} reused)"
             )
-    return {name: out for name, (_, out, _) in caches.items()}
+    return {name: out for name, (_, out, _, _) in caches.items()}
 
 
 def train_section(out: Path, seed: int, steps: int, lr: float, warmup: int) -> dict[str, Any]:
@@ -401,6 +431,15 @@ def render_markdown(rows: list[dict], demos: dict[str, Any]) -> str:
             f"Perplexity and KL are per teacher token, so they are left blank for these rows. "
             f"Wall time {meta['wall_s']:.0f} s."
         )
+    if "codecs" in demos:
+        meta = demos["codecs"]
+        spec = meta["spec"]
+        lines.append(
+            f"`make demo-codecs`: the `soft-kd` student, steps and data of `make demo`, each "
+            f"from a cache of the same training prompts stored with another codec (exact fp32, "
+            f"`compact`, `sampled`); seeds {spec['seeds']}. The seed noise is the ± column. "
+            f"Wall time {meta['wall_s']:.0f} s."
+        )
     if "onpolicy" in demos:
         meta = demos["onpolicy"]
         spec = meta["spec"]
@@ -500,12 +539,11 @@ def publish(out: Path, rows: list[dict], meta: dict[str, Any], demo: str, log: L
     return doc
 
 
-def main(argv: list[str] | None = None, xtok: bool = False) -> int:
-    """`logitforge demo`, or with ``xtok`` `logitforge demo-xtok` (the cross-tokenizer rows)."""
-    methods = XTOK_METHODS if xtok else METHODS
-    parser = argparse.ArgumentParser(
-        prog="logitforge demo-xtok" if xtok else "logitforge demo", description=__doc__
-    )
+def main(argv: list[str] | None = None, demo: str = "distill") -> int:
+    """`logitforge demo`, `demo-xtok` (cross-tokenizer rows) or `demo-codecs` (codec rows)."""
+    methods = DEMOS[demo]
+    prog = "logitforge demo" if demo == "distill" else f"logitforge demo-{demo}"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--out", type=Path, default=DemoSpec.out)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DemoSpec.seeds))
     parser.add_argument("--steps", type=int, default=DemoSpec.steps)
@@ -522,7 +560,7 @@ def main(argv: list[str] | None = None, xtok: bool = False) -> int:
         n_train=args.n_train,
         n_heldout=args.n_heldout,
         methods=tuple(args.only) if args.only else tuple(m.name for m in methods),
-        name="xtok" if xtok else "distill",
+        name=demo,
     )
     run_demo(spec, log=lambda msg: print(msg, flush=True))
     return 0
