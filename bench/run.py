@@ -17,10 +17,15 @@ Plus planning (bench/plan.py): rows/s and driver peak RSS of planning on a Local
 100k and 1M synthetic rows (10M with --slow), against the in-driver planner at the same sizes
 (~3 minutes of `make bench`).
 
+Plus the codec table (bench/codecs.py): bytes/token, encode/decode speed and fidelity (KL to
+exact, top-1, rest mass) of every codec on one exact cache of the trained 32k-vocabulary
+code teacher.
+
 Plus cross-tokenizer alignment: vectorised `align_spans` against its per-token reference on
 the same rows, and `Aligner.align` end to end (bench/align.py; a few seconds, no teacher).
 
-    python -m bench.run [--suite tiny|llama45m|loader|align|plan|all] [--rows N] [--seq-len N]
+    python -m bench.run [--suite tiny|llama45m|loader|align|plan|codecs|all] [--rows N]
+                        [--seq-len N]
                         [--k 64] [--slow]
 """
 
@@ -308,7 +313,9 @@ def _has_cuda() -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--suite", choices=["tiny", "llama45m", "loader", "align", "plan", "all"], default="all"
+        "--suite",
+        choices=["tiny", "llama45m", "loader", "align", "plan", "codecs", "all"],
+        default="all",
     )
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--rows", type=int, default=64)
@@ -319,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     # The in-process engines (floor, vLLM alone) get the cores a single pipeline worker gets.
     bind_engine_cpus(engine_cpus(AUTO, None, None, allowed_cpus()))
 
-    teacher = _teacher_dir() if args.suite != "align" else None
+    teacher = _teacher_dir() if args.suite not in ("align", "codecs") else None
     suites = []
     if args.suite in ("tiny", "loader", "all"):
         suites.append(
@@ -335,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         dtype = "bfloat16" if _has_cuda() else "float32"
         suites.append(Suite(f"llama45m-{dtype}", model, data, dtype, args.seq_len + 8, 16))
 
-    results = [bench_suite(s, args.k) for s in suites if args.suite not in ("loader", "plan")]
+    results = [
+        bench_suite(s, args.k) for s in suites if args.suite not in ("loader", "plan", "codecs")
+    ]
     report = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
@@ -360,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
 
         sizes = (100_000, 1_000_000, 10_000_000) if args.slow else (100_000, 1_000_000)
         planning = report["plan"] = bench_plan(sizes)
+    codecs = None
+    if args.suite in ("codecs", "all"):
+        from bench.codecs import bench_codecs
+
+        print("== codecs: exact cache of the code teacher, then every codec", flush=True)
+        codecs = report["codecs"] = bench_codecs(k=args.k)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = RESULTS_DIR / f"capture-{stamp}.json"
@@ -379,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.plan import render as render_plan
 
         print(render_plan(planning))
+    if codecs is not None:
+        from bench.codecs import render as render_codecs
+
+        print(render_codecs(codecs))
     print(f"results: {path.relative_to(REPO_ROOT)}")
     return 0
 

@@ -30,7 +30,7 @@ class OutputOptions(BaseModel):
 
     path: str = Field(description="Local folder or fsspec URL of the shard set.")
     rows_per_shard: int = Field(256, ge=1)
-    codec: str = Field("fp16", description="Top-k logprob codec: fp32, fp16, q8.")
+    codec: str = Field("fp16", description="Top-k codec: fp32, fp16, q8, compact, sampled.")
     codec_params: dict[str, Any] = Field(default_factory=dict)
     overwrite: bool = Field(False, description="Replace a shard set made from another config.")
 
