@@ -165,3 +165,29 @@ def test_kl_to_exact_by_hand() -> None:
 def test_bad_sparse_parameters_are_named(name: str, params: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         get_codec(name, **params)
+
+
+def test_the_loss_on_a_compact_cache_is_the_loss_on_the_exact_one(tmp_path: Path) -> None:
+    """What a student trains on: forward KL (rest bucket) against compact-decoded targets,
+    padding included, is finite and close to the loss against the exact targets."""
+    import torch
+
+    from stages.train.losses import distill_loss
+
+    ids, lp = _peaked(400, k=K * 4, seed=5)
+    exact_ids, exact_lp = ids, lp
+    codec = CompactCodec()
+    dec_ids, dec_lp = codec.decode_entries(codec.encode_entries(ids, lp), K * 4)
+    assert np.isinf(dec_lp).any()  # padding reaches the loss
+    student = torch.randn(len(ids), V, generator=torch.Generator().manual_seed(0)) * 3
+    labels = torch.from_numpy(ids[:, 0].astype(np.int64))
+
+    def loss(i: np.ndarray, p: np.ndarray) -> float:
+        value, _ = distill_loss(student, labels, torch.from_numpy(i.astype(np.int64)),
+                                torch.from_numpy(p), kind="forward_kl")  # fmt: skip
+        assert torch.isfinite(value)
+        return float(value)
+
+    exact = loss(exact_ids, exact_lp)
+    gap = abs(loss(dec_ids, dec_lp) - exact)
+    assert 0 < gap < 1e-3 * exact
