@@ -38,7 +38,20 @@ def check_loss_data(cfg: DistillConfig, sources: list[LogitSource]) -> None:
     Per-token reverse KL is a score-function estimate over the student's own samples: it is
     only meaningful on scored rollouts (kind ``onpolicy``), which carry the sampling policy's
     logprobs; on off-policy text it would push the student towards tokens it never chose.
+
+    A `sampled` cache (Sparse Logit Sampling) is an unbiased estimate of the T = 1 teacher
+    only: tempering its counts (p^(1/T) of an estimate) is biased, so a soft loss at another
+    temperature is refused too.
     """
+    soft = cfg.loss.kind in ("forward_kl", "reverse_kl", "jsd") and cfg.loss.alpha > 0
+    if soft and cfg.loss.temperature != 1.0:
+        for source in sources:
+            if source.metadata.codec == "sampled":
+                raise SourceError(
+                    f"{source.url} holds sampled targets (codec 'sampled'), unbiased for the "
+                    f"teacher at T=1 only; loss.temperature is {cfg.loss.temperature}. Use "
+                    "temperature 1 with it, or a cache stored with another codec"
+                )
     if cfg.loss.kind != "sampled_rkl":
         return
     for source in sources:

@@ -737,8 +737,8 @@ def _distill(kind: str, tmp_path: Path) -> DistillConfig:
     )
 
 
-def _source(url: str, kind: str) -> SimpleNamespace:
-    return SimpleNamespace(url=url, metadata=SimpleNamespace(kind=kind))
+def _source(url: str, kind: str, codec: str = "fp16") -> SimpleNamespace:
+    return SimpleNamespace(url=url, metadata=SimpleNamespace(kind=kind, codec=codec))
 
 
 def test_check_loss_data(tmp_path: Path) -> None:
@@ -752,3 +752,17 @@ def test_check_loss_data(tmp_path: Path) -> None:
         assert bad.url in str(info.value) and repr(bad.metadata.kind) in str(info.value)
     for kind in ("jsd", "forward_kl", "ce"):
         check_loss_data(_distill(kind, tmp_path), [cached, scored])
+
+
+def test_sampled_targets_refuse_a_tempered_soft_loss(tmp_path: Path) -> None:
+    sampled = _source("sampled-cache", "teacher_logits", codec="sampled")
+    for kind in ("forward_kl", "jsd"):
+        cfg = _distill(kind, tmp_path)
+        check_loss_data(cfg, [sampled])  # T = 1: fine
+        cfg.loss.temperature = 2.0
+        with pytest.raises(SourceError, match=r"sampled-cache.*T=1 only.*2\.0"):
+            check_loss_data(cfg, [sampled])
+        check_loss_data(cfg, [_source("exact", "teacher_logits", codec="fp32")])
+    hard = _distill("ce", tmp_path)
+    hard.loss.temperature = 2.0
+    check_loss_data(hard, [sampled])  # no soft term: the counts are never tempered
