@@ -1,5 +1,5 @@
 """`logitforge` command line: cache-teacher, generate-teacher, rollout, distill, onpolicy,
-align, evaluate, demo, demo-xtok, demo-codecs, demo-onpolicy, inspect."""
+align, evaluate, demo, demo-xtok, demo-codecs, demo-onpolicy, inspect, push, pull."""
 
 from __future__ import annotations
 
@@ -139,6 +139,39 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from pipeline.hub import push_shard_set
+
+    result = push_shard_set(
+        args.dir,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        allow_partial=args.allow_partial,
+        log=lambda msg: print(msg, flush=True),
+    )
+    print(f"pushed {len(result.files)} files to {result.repo_id}: {result.commit_url}", flush=True)
+    _write_json(args.summary_json, result.as_dict())
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from pipeline.hub import pull_shard_set
+
+    report = pull_shard_set(
+        args.repo_id,
+        args.dir,
+        revision=args.revision,
+        allow_partial=args.allow_partial,
+        log=lambda msg: print(msg, flush=True),
+    )
+    _write_json(
+        args.summary_json,
+        {"shards": report.plan.num_shards, "complete": len(report.complete), "rows": report.rows},
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="logitforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -267,6 +300,37 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="print a shard set's metadata")
     inspect.add_argument("path")
     inspect.set_defaults(func=_inspect)
+
+    push = sub.add_parser(
+        "push",
+        help="upload a complete shard set (card, shards, .logitforge bookkeeping) to a Hub "
+        "dataset repo; token from HF_TOKEN or `hf auth login`; rerun to resume",
+    )
+    push.add_argument("dir", help="local shard set folder")
+    push.add_argument("repo_id", help="dataset repo, owner/name")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", help="branch to push to (created if missing)")
+    push.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="push the complete shards of an unfinished set (default: refuse)",
+    )
+    push.add_argument("--summary-json", help="also write the result as JSON here")
+    push.set_defaults(func=_push)
+
+    pull = sub.add_parser(
+        "pull", help="download a Hub dataset repo into a folder and verify it as a shard set"
+    )
+    pull.add_argument("repo_id", help="dataset repo, owner/name")
+    pull.add_argument("dir", help="local folder to download into")
+    pull.add_argument("--revision", help="branch, tag or commit")
+    pull.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="accept a set with incomplete shards (they are reported, not read)",
+    )
+    pull.add_argument("--summary-json", help="also write the result as JSON here")
+    pull.set_defaults(func=_pull)
     return parser
 
 
@@ -317,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOGITFORGE_LOG_LEVEL", "WARNING"))
     from pydantic import ValidationError
 
+    from pipeline.hub import HubError
     from stages.prompts import InputError
     from stages.train.loader import SourceError
     from storage.manifest import PlanMismatchError
@@ -324,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (
+        HubError,
         InputError,
         PlanMismatchError,
         SourceError,
