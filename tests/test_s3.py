@@ -1,8 +1,12 @@
 """Shard sets on S3-compatible storage, against a real S3 server (moto's, on a free port).
 
 The pipeline is run exactly as a user would: the CLI as a subprocess whose environment holds
-the endpoint and credentials, so its LocalCluster workers inherit them. Every object is read
-back over S3 (boto3), never from moto's memory, so what is asserted is what a client sees.
+the endpoint and credentials. The run that is SIGKILLed starts its own LocalCluster, whose
+workers inherit them, so the kill takes out the driver, the worker and vLLM at once; the
+uninterrupted runs and the rerun attach to one cluster started here after the credentials are
+in the environment, which keeps its engine warm (an engine start is most of a run's time).
+Every object is read back over S3 (boto3), never from moto's memory, so what is asserted is
+what a client sees.
 """
 
 from __future__ import annotations
@@ -185,14 +189,41 @@ def test_planning_reads_input_and_writes_plan_on_s3(s3, input_rows, teacher_dir,
 # ------------------------------------------------------------------ cache-teacher end to end
 
 
-def _config(tmp_path: Path, name: str, input_path: str, output: str, teacher_dir: Path) -> Path:
+@pytest.fixture(scope="module")
+def scheduler(s3) -> Iterator[str]:
+    """A LocalCluster started after `s3` put the credentials in the environment (its worker
+    inherits them), for the CLI runs that are not killed; one warm engine serves them all."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from pipeline.workers import close_engines
+
+    with dask.config.set({"distributed.worker.daemon": False}):
+        cluster = LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+    client = Client(cluster)
+    yield cluster.scheduler_address
+    close_engines(client)  # no vLLM process may outlive the module
+    client.close()
+    cluster.close()
+
+
+def _config(
+    tmp_path: Path,
+    name: str,
+    input_path: str,
+    output: str,
+    teacher_dir: Path,
+    scheduler: str | None = None,
+) -> Path:
     settings = {
         "input": {"path": input_path, "format": "jsonl"},
         "prompts": {"append_eos": True},
         "teacher": {"model": str(teacher_dir), "k": TEST_K, "dtype": "float32",
                     "kv_cache_gib": 0.25},
         "output": {"path": output, "rows_per_shard": ROWS_PER_SHARD, "codec": "fp16"},
-        "cluster": {"n_workers": 1},
+        "cluster": {"n_workers": 1, "scheduler": scheduler},
     }  # fmt: skip
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(settings))
@@ -214,16 +245,16 @@ def _run(config: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def local_reference(input_rows, teacher_dir, tmp_path_factory) -> tuple[Path, str]:
+def local_reference(input_rows, teacher_dir, scheduler, tmp_path_factory) -> tuple[Path, str]:
     """The uninterrupted run to a local folder, from the local input: the reference rows."""
     tmp = tmp_path_factory.mktemp("local")
-    config = _config(tmp, "local", str(input_rows[0]), str(tmp / "out"), teacher_dir)
+    config = _config(tmp, "local", str(input_rows[0]), str(tmp / "out"), teacher_dir, scheduler)
     proc = _run(config)
     return tmp / "out", proc.stdout + proc.stderr
 
 
 def test_cache_teacher_to_s3_equals_local_then_sigkill_and_resume(
-    s3, input_rows, local_reference, teacher_dir, tmp_path
+    s3, input_rows, local_reference, scheduler, teacher_dir, tmp_path
 ) -> None:
     local_input, s3_input = input_rows
     s3.put_object(Bucket=BUCKET, Key="inputs/rows.jsonl", Body=local_input.read_bytes())
@@ -233,7 +264,7 @@ def test_cache_teacher_to_s3_equals_local_then_sigkill_and_resume(
 
     # (a) Uninterrupted: input and output on S3; rows equal the local run's.
     url = f"s3://{BUCKET}/runs/whole"
-    proc = _run(_config(tmp_path, "whole", s3_input, url, teacher_dir))
+    proc = _run(_config(tmp_path, "whole", s3_input, url, teacher_dir, scheduler))
     logs.append(proc.stdout + proc.stderr)
     assert f"{NUM_SHARDS} run now" in proc.stdout
     whole = ShardSet.open(url)
@@ -244,16 +275,23 @@ def test_cache_teacher_to_s3_equals_local_then_sigkill_and_resume(
     ]
     _assert_complete(s3, "runs/whole/")
 
-    # (b) SIGKILL the whole CLI process group once some, not all, records are on S3.
+    # (b) SIGKILL the whole CLI process group (driver, its own LocalCluster worker, vLLM) once
+    # some, not all, records are on S3. Its planning tasks and shard tasks run in a worker
+    # that got the credentials only by inheriting the CLI's environment.
     url = f"s3://{BUCKET}/runs/killed"
-    config = _config(tmp_path, "killed", s3_input, url, teacher_dir)
     done_prefix = "runs/killed/.logitforge/done/"
-    sigkill_when(_cli(config), lambda: bool(_keys(s3, done_prefix)), timeout_s=400)
+    started = time.perf_counter()
+    sigkill_when(
+        _cli(_config(tmp_path, "killed", s3_input, url, teacher_dir)),
+        lambda: bool(_keys(s3, done_prefix)),
+        timeout_s=400,
+    )
+    print(f"killed after {time.perf_counter() - started:.1f} s")
     time.sleep(0.5)  # let the server finish any request that was fully sent before the kill
     finished_before = len(_keys(s3, done_prefix))
     assert 0 < finished_before < NUM_SHARDS, finished_before
 
-    proc = _run(config)
+    proc = _run(_config(tmp_path, "rerun", s3_input, url, teacher_dir, scheduler))
     logs.append(proc.stdout + proc.stderr)
     assert "resuming" in proc.stdout
     assert f"{NUM_SHARDS - finished_before} run now" in proc.stdout

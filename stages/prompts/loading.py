@@ -385,6 +385,8 @@ def input_fingerprint(opts: InputOptions) -> str:
             rel = file[len(root) + 1 :].encode()
             h.update(b"\0file\0" + len(rel).to_bytes(4, "little") + rel)
             _hash_file(h, fs, file)
+    elif not is_local(fs):
+        raise FileNotFoundError(f"input {opts.path} does not exist (no such object or prefix)")
     else:
         ds = _open_dataset(opts)
         h.update(b"\0hub\0" + opts.path.encode() + b"\0" + ds._fingerprint.encode())
