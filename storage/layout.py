@@ -9,6 +9,10 @@ A shard set is a folder that is also a valid Hugging Face dataset repository::
     <root>/.logitforge/prompts/train-00003.parquet  prepared prompt rows of shard 3
 
 Bookkeeping lives under a dot folder so ``datasets`` and the Hub never mistake it for data.
+
+``root`` may be on an object store (``s3://bucket/prefix``): there, listings are never cached
+(other processes, the Dask workers, add shards and records all the time), and no folders are
+created (object stores have none).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+
+from storage.writer import OBJECT_STORE_PROTOCOLS, is_object_store
 
 
 def shard_name(index: int, num_shards: int, split: str = "train") -> str:
@@ -36,7 +42,15 @@ class ShardSetLayout:
 
     @classmethod
     def from_url(cls, url: str, split: str = "train", **storage_options: Any) -> ShardSetLayout:
-        """Local path (the default) or any fsspec URL (``memory://x``, ``s3://bucket/x``...)."""
+        """Local path (the default) or any fsspec URL (``memory://x``, ``s3://bucket/x``...).
+
+        Credentials and endpoints are not arguments here on purpose: they come from the
+        environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``...)
+        of each process, so they never enter a config, plan, record or Dask task.
+        """
+        if fsspec.utils.get_protocol(str(url)) in OBJECT_STORE_PROTOCOLS:
+            # A cached listing would hide the shards and records workers write after it.
+            storage_options.setdefault("use_listings_cache", False)
         fs, root = fsspec.core.url_to_fs(str(url), **storage_options)
         return cls(fs=fs, root=root.rstrip("/") or "/", split=split)
 
@@ -86,5 +100,9 @@ class ShardSetLayout:
         return self.join("data", f"{self.split}-*.parquet")
 
     def ensure_dirs(self) -> None:
+        """Create the folders on a filesystem that has them (not on an object store, where
+        s3fs's makedirs would even create a missing bucket instead of failing)."""
+        if is_object_store(self.fs):
+            return
         for d in (self.data_dir, self.done_dir, self.prompts_dir):
             self.fs.makedirs(d, exist_ok=True)

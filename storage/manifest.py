@@ -3,8 +3,8 @@
 The plan is frozen when a run starts: which input rows go to which shard file. A shard
 counts as done only when its completion record exists, names the current plan, and the data
 file on storage has exactly the recorded size and sha256. Everything else is redone, so a
-crash at any point (mid-write, after the rename but before the record, mid-record) leaves a
-folder that the next run completes without duplicating rows.
+crash at any point (mid-write, after the data write but before the record, mid-record)
+leaves a folder that the next run completes without duplicating rows.
 """
 
 from __future__ import annotations

@@ -1,10 +1,18 @@
 """Atomic, reproducible file writes on any fsspec filesystem.
 
-Protocol: serialise the whole file in memory, hash it, write it to a hidden temporary name in
-the destination folder, then rename onto the final name. A reader (or ``datasets``' glob
-``data/train-*.parquet``) therefore never sees a half-written shard: temp names start with
-"." and do not end in ".parquet". On object stores ``mv`` is copy + delete, and a single PUT
-is already all-or-nothing, so the same code is safe there.
+Every file is serialised whole in memory and hashed first; how it then reaches storage depends
+on what the store makes atomic:
+
+- Local / POSIX filesystems (and any filesystem not known to be an object store): write to a
+  hidden temporary name in the destination folder, then rename onto the final name. A rename
+  within one folder is atomic, so a reader (or ``datasets``' glob ``data/train-*.parquet``)
+  never sees a half-written file: temp names start with "." and do not end in ".parquet".
+- Object stores (S3 and S3-compatible servers, GCS, Azure, the Hugging Face Hub): one PUT of
+  the whole object (``fs.pipe_file``). These stores have no rename (fsspec's ``mv`` is copy
+  + delete, two requests that a crash can separate), but an object only becomes visible when
+  its PUT, or the completion of its multipart upload, succeeds, and then it is complete. A
+  crash mid-upload leaves nothing at the key (at most an invisible unfinished multipart
+  upload), and no temp object is ever created.
 
 The same table and metadata always give the same bytes (Parquet output here carries no
 timestamps), so a retried task produces an identical shard and the same sha256.
@@ -54,8 +62,30 @@ def remove_stale_temps(fs: Any, path: str) -> list[str]:
     return stale
 
 
+# fsspec protocols whose objects appear whole on a successful PUT and that have no atomic
+# rename. Anything else keeps temp + rename, which is atomic on POSIX and never worse than a
+# single in-place write on an unknown filesystem.
+OBJECT_STORE_PROTOCOLS = frozenset(
+    {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "hf"}
+)
+
+
+def is_object_store(fs: Any) -> bool:
+    """Whether ``fs`` is an object store: single-PUT writes, no rename, no real folders."""
+    protocol = fs.protocol
+    protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+    return any(p in OBJECT_STORE_PROTOCOLS for p in protocols)
+
+
 def write_bytes_atomic(fs: Any, path: str, data: bytes | memoryview | pa.Buffer) -> None:
-    """Write ``data`` to ``path`` via a temp name + rename; on failure remove the temp."""
+    """Write ``data`` to ``path`` so that readers see either nothing (or the old file) or all
+    of it: one PUT on an object store, a temp name + rename elsewhere (the temp is removed on
+    failure)."""
+    if is_object_store(fs):
+        # bytes, not a view: botocore needs a bytes body to checksum and to slice into parts.
+        # No makedirs: object stores have no folders (s3fs would even create a missing bucket).
+        fs.pipe_file(path, bytes(memoryview(data)))
+        return
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     tmp = _temp_path(path)
     try:

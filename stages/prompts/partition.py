@@ -8,6 +8,11 @@ count (blank lines are not rows) comes from a cheap counting pass, and prefix su
 counts give each partition its first global row. Parquet partitions are runs of row groups
 (a row group larger than the partition size is split by rows); `datasets` partitions are index
 ranges of the memory-mapped table.
+
+JSONL and Parquet inputs may be fsspec URLs (``s3://...``): planning reads only sizes and
+Parquet footers, and each partition task reads its own byte range or row groups, so no
+process downloads the whole input to split it. A partition's ``file`` is then a URL, opened
+by the task with the credentials of its worker's environment.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ from .loading import (
     Format,
     InputRows,
     _open_dataset,
-    _visible_files,
     count_jsonl_range,
+    file_url,
+    input_fs,
+    open_parquet,
+    parquet_files,
     read_jsonl_range,
     resolve_format,
 )
@@ -66,27 +74,24 @@ def split_input(
     `count_partition`, then `assign_rows`.
     """
     fmt: Format = resolve_format(opts)
-    path = Path(opts.path)
     if fmt == "jsonl":
-        size = path.stat().st_size
+        fs, root = input_fs(opts.path)
+        size = fs.size(root)
+        file = file_url(fs, root)
         parts = [
             InputPartition(
-                index=i, format=fmt, file=str(path), start=lo, stop=min(lo + partition_bytes, size)
+                index=i, format=fmt, file=file, start=lo, stop=min(lo + partition_bytes, size)
             )
             for i, lo in enumerate(range(0, size, partition_bytes))
         ]
         return parts, True
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        files = [path] if path.is_file() else _visible_files(path, "*.parquet")
-        if not files:
-            raise FileNotFoundError(f"no parquet files under {path}")
         ranges: list[tuple[str, int, int]] = []
-        for file in files:  # a loop over files and row groups, never over rows
-            md = pq.ParquetFile(file).metadata
+        for file in parquet_files(opts.path):  # a loop over files and row groups, never rows
+            with open_parquet(file) as pf:  # the footer only
+                md = pf.metadata
             groups = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
-            ranges.extend((str(file), lo, hi) for lo, hi in _group_ranges(groups, partition_rows))
+            ranges.extend((file, lo, hi) for lo, hi in _group_ranges(groups, partition_rows))
     else:
         n = len(_dataset(opts))
         step = partition_rows
@@ -123,7 +128,7 @@ def _group_ranges(groups: list[int], partition_rows: int) -> list[tuple[int, int
 
 def count_partition(part: InputPartition) -> tuple[int, int]:
     """(rows, newlines) of a JSONL byte range: the counting pass, one task per partition."""
-    return count_jsonl_range(Path(part.file), part.start, part.stop)
+    return count_jsonl_range(part.file, part.start, part.stop)
 
 
 def assign_rows(
@@ -159,7 +164,7 @@ def read_partition(opts: InputOptions, part: InputPartition) -> InputRows:
     path = Path(opts.path)
     if part.format == "jsonl":
         return read_jsonl_range(
-            Path(part.file),
+            part.file,
             part.start,
             part.stop,
             start=part.first_row,
@@ -167,15 +172,13 @@ def read_partition(opts: InputOptions, part: InputPartition) -> InputRows:
             limit=part.num_rows,
         )
     if part.format == "parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(part.file)
-        md = pf.metadata
-        ends = np.cumsum([md.row_group(g).num_rows for g in range(md.num_row_groups)])
-        lo, hi = part.start, part.start + part.num_rows
-        g0 = int(np.searchsorted(ends, lo, side="right"))
-        g1 = int(np.searchsorted(ends, hi, side="left"))
-        table = pf.read_row_groups(list(range(g0, g1 + 1)))
+        with open_parquet(part.file) as pf:
+            md = pf.metadata
+            ends = np.cumsum([md.row_group(g).num_rows for g in range(md.num_row_groups)])
+            lo, hi = part.start, part.start + part.num_rows
+            g0 = int(np.searchsorted(ends, lo, side="right"))
+            g1 = int(np.searchsorted(ends, hi, side="left"))
+            table = pf.read_row_groups(list(range(g0, g1 + 1)))
         offset = lo - (int(ends[g0 - 1]) if g0 > 0 else 0)
         rows = table.slice(offset, hi - lo).to_pylist()
         return InputRows(rows=rows, source=path.name, start=part.first_row)
