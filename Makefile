@@ -5,6 +5,7 @@
 #   make demo            cache, generate, distill 5 ways x 3 seeds, evaluate -> artifacts/demo/
 #   make demo-xtok       a student with another tokenizer from the same cache -> same results
 #   make demo-onpolicy   on-policy rounds vs off-policy at equal teacher budget -> same results
+#   make code-teacher    build the 32k-vocabulary code teacher (for codec measurements)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +18,7 @@ CONFIG ?= configs/cache-teacher.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install teacher cache-teacher generate-teacher distill rollout onpolicy demo \
+.PHONY: install teacher code-teacher cache-teacher generate-teacher distill rollout onpolicy demo \
 	demo-xtok demo-onpolicy test bench lint format clean
 
 install: $(STAMP)
@@ -41,6 +42,9 @@ endif
 
 teacher: install
 	$(PY) -m pipeline.cli build-teacher
+
+code-teacher: install
+	$(PY) -m pipeline.demo.code_teacher $(ARGS)
 
 cache-teacher: teacher
 	$(VENV)/bin/logitforge cache-teacher --config $(CONFIG) $(ARGS)
