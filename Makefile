@@ -6,6 +6,7 @@
 #   make demo-xtok       a student with another tokenizer from the same cache -> same results
 #   make demo-codecs     the same student from exact, compact and sampled caches -> same results
 #   make demo-onpolicy   on-policy rounds vs off-policy at equal teacher budget -> same results
+#   make code-teacher    build the 32k-vocabulary code teacher (for codec measurements)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,8 +19,8 @@ CONFIG ?= configs/cache-teacher.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install teacher cache-teacher generate-teacher distill rollout onpolicy demo \
-	demo-xtok demo-codecs demo-onpolicy test bench lint format clean
+.PHONY: install teacher code-teacher cache-teacher generate-teacher distill rollout onpolicy \
+	demo demo-xtok demo-codecs demo-onpolicy test bench lint format clean
 
 install: $(STAMP)
 
@@ -42,6 +43,9 @@ endif
 
 teacher: install
 	$(PY) -m pipeline.cli build-teacher
+
+code-teacher: install
+	$(PY) -m pipeline.demo.code_teacher $(ARGS)
 
 cache-teacher: teacher
 	$(VENV)/bin/logitforge cache-teacher --config $(CONFIG) $(ARGS)

@@ -366,6 +366,16 @@ def build_teacher(
         "heldout_accuracy": accuracy,
         "n_heldout": spec.n_eval,
     }
+    write_build(out, model, tokenizer, record)
+    return {**record, "cached": False}
+
+
+def write_build(out: Path, model, tokenizer, record: dict) -> None:
+    """Save model, tokenizer and build.json to a temporary folder, then rename it to ``out``.
+
+    An interrupted build never leaves a half model behind, and build.json (the cache marker)
+    only ever sits next to the complete files it describes.
+    """
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -378,7 +388,6 @@ def build_teacher(
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
-    return {**record, "cached": False}
 
 
 def _portable_tokenizer_config(path: Path) -> None:
