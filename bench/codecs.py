@@ -2,8 +2,10 @@
 
 The cache is made the way users make one: `cache-teacher` with the exact codec (fp32) on the
 trained 32k-vocabulary code teacher (`pipeline.demo.code_teacher`: a byte-level BPE Llama
-trained on the Python standard library, so its distributions are peaked and heavy-tailed like
-a real model's), over held-out source files. Every codec then re-encodes the same shards:
+trained on Python standard-library files), over chunks of the files it was trained on, where
+its distributions are peaked and heavy-tailed like a real model's on familiar text (the build
+record gives its statistics there and on unseen files). Every codec then re-encodes the
+same shards:
 
 - bytes/token: the whole Parquet shard (every column, prompt text and byte spans included,
   zstd) divided by its tokens, as the pipeline writes it;
@@ -31,6 +33,8 @@ import pyarrow.parquet as pq
 
 from storage.codecs import Codec, get_codec
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 AVERAGED_DRAWS = 16
 TARGET_BYTES_PER_TOKEN = 60.0  # issue 7: at most 60 B/token at k=64 ...
 TARGET_KL = 1e-3  # ... with mean KL(exact || decoded) <= 1e-3 nats per token
@@ -52,21 +56,21 @@ def make_cache(out: Path, k: int, rows: int, max_len: int) -> tuple[Path, int]:
     """An exact (fp32) cache of the code teacher on held-out code; (cache, vocab size)."""
     import json
 
+    from pipeline.config import load_config
     from pipeline.demo.code_teacher import (
         DEFAULT_CODE_TEACHER_DIR,
         build_code_teacher,
         code_prompts,
     )
-
-    from pipeline.config import load_config
     from pipeline.execute import run_cache_teacher
 
-    teacher = build_code_teacher(DEFAULT_CODE_TEACHER_DIR)
-    model_dir = Path(teacher.get("path", DEFAULT_CODE_TEACHER_DIR))
+    build_code_teacher(DEFAULT_CODE_TEACHER_DIR)
+    model_dir = REPO_ROOT / DEFAULT_CODE_TEACHER_DIR
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     prompts = out.parent / f"{out.name}-prompts.jsonl"
     prompts.parent.mkdir(parents=True, exist_ok=True)
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in code_prompts(rows, seed=0)))
+    chunks = code_prompts(rows, seed=0, split="familiar")
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in chunks))
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(
         None,
@@ -125,6 +129,8 @@ def _averaged(codec_name: str, params: dict, table, batch, meta, draws: int):
 def bench_codecs(k: int = 64, rows: int = 96, max_len: int = 512) -> dict:
     """Every codec in `CODECS` on the same exact cache; returns the table as a dict."""
     from bench.run import WORK_DIR
+    from pipeline.demo.build import read_build
+    from pipeline.demo.code_teacher import DEFAULT_CODE_TEACHER_DIR
     from storage.fidelity import kl_to_exact, rest_mass_error, top1_agreement
     from storage.reader import ShardSet
 
@@ -138,8 +144,10 @@ def bench_codecs(k: int = 64, rows: int = 96, max_len: int = 512) -> dict:
     prompt_cols = table.select([n for n in table.column_names if not n.startswith("topk")
                                 and n != "next_logprob"])  # fmt: skip
     top_mass = np.exp(exact.topk_logprobs.astype(np.float64)).sum(axis=1)
+    record = read_build(REPO_ROOT / DEFAULT_CODE_TEACHER_DIR) or {}
     out: dict = {
         "teacher": "code-teacher-32k",
+        "teacher_stats": {"familiar": record.get("familiar"), "heldout": record.get("heldout")},
         "vocab_size": vocab,
         "k": k,
         "rows": exact.num_rows,

@@ -179,5 +179,16 @@ def test_code_prompts_are_deterministic_and_held_out() -> None:
         assert path in heldout and path not in train
         assert 200 <= len(row["text"]) <= 800 and row["text"] in heldout[path]
         assert row["text"] not in train_text
-    with pytest.raises(ValueError, match="held-out files give"):
+    with pytest.raises(ValueError, match="heldout files give"):
         code_prompts(10**6)
+
+
+def test_familiar_prompts_come_from_the_focus_files() -> None:
+    rows = code_prompts(20, seed=0, max_chars=800, split="familiar")
+    corpus = load_corpus(DEFAULT_SPEC)
+    focused = dict(corpus.train[: DEFAULT_SPEC.focus_files])
+    for row in rows:
+        path = row["id"].rsplit(":L", 1)[0]
+        assert path in focused and row["text"] in focused[path]
+    with pytest.raises(ValueError, match="split must be"):
+        code_prompts(1, split="train")
