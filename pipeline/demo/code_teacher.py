@@ -11,7 +11,7 @@ corpus hash is part of the build fingerprint all the same.
 The model need not be good, only realistic in shape. A few minutes of CPU cannot teach a
 32k-vocabulary model the whole stdlib (on unseen files it stays near a unigram model: entropy
 ~6 nats against ~1-3 for a real LM), so the training windows come from a *focus* set of
-training files, seen a dozen times: on that familiar text (`code_prompts(split="familiar")`,
+training files, seen several times: on that familiar text (`code_prompts(split="familiar")`,
 the text a codec benchmark caches) its distributions are peaked and heavy-tailed the way a
 real model's are on text like its training data, which is what a distillation cache usually
 holds. The build records both, next to the random-init model of the same shape
@@ -96,7 +96,7 @@ class CodeSpec:
     heldout_mod: int = 10
     max_train_files: int | None = None
     # Training windows come from the first focus_files training files only (the tokenizer
-    # still learns from all of them): ~100k tokens seen ~12 times in 600 steps.
+    # still learns from all of them): ~170k tokens seen ~7 times in 600 steps.
     focus_files: int | None = 24
     n_eval_windows: int = 32  # held-out windows the distribution statistics are taken on
     eval_batch_size: int = 4
