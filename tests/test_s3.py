@@ -20,7 +20,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -29,7 +28,7 @@ import yaml
 from pipeline.plan import make_plan
 from storage.layout import ShardSetLayout
 from storage.manifest import read_plan
-from storage.reader import LogitBatch, ShardSet
+from storage.reader import ShardSet
 from storage.writer import is_object_store, write_bytes_atomic
 from tests.conftest import (
     BUNDLED_PROMPTS,
@@ -41,6 +40,7 @@ from tests.conftest import (
     sigkill_when,
     write_jsonl,
 )
+from tests.test_cache_teacher_e2e import _assert_same_rows
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,6 @@ ROWS_PER_SHARD = 16
 NUM_SHARDS = NUM_ROWS // ROWS_PER_SHARD
 ACCESS_KEY = f"AKIA{uuid.uuid4().hex[:16].upper()}"
 SECRET_KEY = f"lf-secret-{uuid.uuid4().hex}"  # must never be written anywhere
-FP16_ATOL, FP16_RTOL = 3e-3, 2e-3
 
 
 @pytest.fixture(scope="module")
@@ -85,19 +84,6 @@ def s3() -> Iterator:
 def _keys(s3, prefix: str) -> list[str]:
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
     return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
-
-
-def _assert_same_rows(a: LogitBatch, b: LogitBatch) -> None:
-    """The e2e test's comparison: exact tokens, logprobs within the fp16 codec's precision."""
-    assert a.ids == b.ids
-    np.testing.assert_array_equal(a.row_offsets, b.row_offsets)
-    np.testing.assert_array_equal(a.input_ids, b.input_ids)
-    np.testing.assert_array_equal(a.prompt_len, b.prompt_len)
-    differ = a.topk_ids != b.topk_ids
-    assert np.all(np.abs(a.topk_logprobs - b.topk_logprobs)[differ] <= FP16_ATOL * 4)
-    assert differ.mean() < 0.01
-    np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=FP16_ATOL, rtol=FP16_RTOL)
-    np.testing.assert_allclose(a.next_logprob, b.next_logprob, atol=FP16_ATOL, rtol=FP16_RTOL)
 
 
 # ------------------------------------------------------------------------- writes and inputs

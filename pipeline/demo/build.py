@@ -229,11 +229,7 @@ def train(spec: BuildSpec, model, tokenizer, log_every: int = 0) -> float:
     One fresh batch of generated rows per step (no repeats), hard-label CE on the completion
     (or every token); returns the mean loss of the last 10% of steps.
     """
-    import tempfile
-
     from stages.train.loader import RowsDataset, token_rows
-    from stages.train.options import LossOptions, TrainOptions
-    from stages.train.trainer import train_model
 
     rows = generate(spec.task, spec.steps * spec.batch_size, "train", spec.seed)
     ids, prompt_len = _encode(tokenizer, rows)
@@ -244,7 +240,21 @@ def train(spec: BuildSpec, model, tokenizer, log_every: int = 0) -> float:
         pad_id=tokenizer.pad_token_id,
         include_prompt=spec.loss_on == "all",
     )
-    tail = max(1, spec.steps // 10)
+    return train_ce(model, dataset, spec, print if log_every else lambda _: None)
+
+
+def train_ce(model, dataset, spec, log) -> float:
+    """Exactly ``spec.steps`` AdamW steps (warm-up, cosine) of hard-label CE on ``dataset``
+    through the student stage's trainer, no checkpoint kept; the mean loss of the last 10%.
+
+    ``spec`` is any build spec with steps, lr, min_lr_ratio, warmup_steps, weight_decay,
+    grad_clip and seed (this module's and the code teacher's).
+    """
+    import tempfile
+
+    from stages.train.options import LossOptions, TrainOptions
+    from stages.train.trainer import train_model
+
     with tempfile.TemporaryDirectory(prefix="logitforge-build-") as scratch:
         result = train_model(
             model,
@@ -260,11 +270,11 @@ def train(spec: BuildSpec, model, tokenizer, log_every: int = 0) -> float:
                 grad_clip=spec.grad_clip,
                 seed=spec.seed,
                 save_steps=None,
-                logging_steps=tail,
+                logging_steps=max(1, spec.steps // 10),
             ),
             LossOptions(kind="ce"),
             save_final=False,
-            log=print if log_every else lambda _: None,
+            log=log,
         )
     return float(result.final_loss) if result.final_loss is not None else float("nan")
 

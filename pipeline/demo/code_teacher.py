@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.demo.build import ModelSpec, _resolve, read_build, write_build
+from pipeline.demo.build import ModelSpec, _resolve, read_build, train_ce, write_build
 from pipeline.demo.tokenizers import byte_level_bpe
 
 DEFAULT_CODE_TEACHER_DIR = Path("artifacts/models/code-teacher-32k")
@@ -307,11 +307,7 @@ def next_token_stats(model: Any, rows: np.ndarray, batch_size: int = 4) -> dict[
 def train(spec: CodeSpec, model: Any, tokenizer: Any, rows: np.ndarray, log: Log) -> float:
     """Exactly spec.steps AdamW steps (warm-up, cosine) of next-token CE on ``rows``, through
     the student stage's trainer; returns the mean loss of the last 10% of steps."""
-    import tempfile
-
     from stages.train.loader import RowsDataset, token_rows
-    from stages.train.options import LossOptions, TrainOptions
-    from stages.train.trainer import train_model
 
     lengths = np.full(len(rows), rows.shape[1], dtype=np.int64)
     dataset = RowsDataset(
@@ -320,28 +316,7 @@ def train(spec: CodeSpec, model: Any, tokenizer: Any, rows: np.ndarray, log: Log
         pad_id=tokenizer.pad_token_id,
         include_prompt=True,  # every position is trained: there is no prompt
     )
-    with tempfile.TemporaryDirectory(prefix="logitforge-code-teacher-") as scratch:
-        result = train_model(
-            model,
-            dataset,
-            TrainOptions(
-                output_dir=scratch,
-                steps=spec.steps,
-                lr=spec.lr,
-                min_lr_ratio=spec.min_lr_ratio,
-                warmup_steps=spec.warmup_steps,
-                weight_decay=spec.weight_decay,
-                adam_beta2=0.98,
-                grad_clip=spec.grad_clip,
-                seed=spec.seed,
-                save_steps=None,
-                logging_steps=max(1, spec.steps // 10),
-            ),
-            LossOptions(kind="ce"),
-            save_final=False,
-            log=log,
-        )
-    return float(result.final_loss) if result.final_loss is not None else float("nan")
+    return train_ce(model, dataset, spec, log)
 
 
 def build_code_teacher(
