@@ -48,8 +48,6 @@ import pyarrow as pa
 
 from storage.codecs import Codec
 
-ID_TYPE = pa.int32()
-
 
 @dataclass(frozen=True)
 class SparseEntries:
