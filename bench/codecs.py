@@ -115,13 +115,14 @@ def _decode(buf: pa.Buffer):
 
 def _averaged(codec_name: str, params: dict, table, batch, meta, draws: int):
     """The exact top-k with the mean of ``draws`` independently seeded decodings on it."""
+    from storage.fidelity import mass_on_exact
+
     q = np.zeros(batch.topk_logprobs.shape, dtype=np.float64)
     for seed in range(draws):
         codec = get_codec(codec_name, **{**params, "seed": seed})
         decoded, _ = _decode(_encode(table, batch, codec, meta)[0])
-        match = decoded.topk_ids[:, :, None] == batch.topk_ids[:, None, :]
-        p = np.exp(decoded.topk_logprobs.astype(np.float64))
-        q += np.einsum("tj,tji->ti", p, match)
+        q += mass_on_exact(batch.topk_ids, batch.topk_logprobs, decoded.topk_ids,
+                           decoded.topk_logprobs)  # fmt: skip
     with np.errstate(divide="ignore"):
         return np.log(q / draws)
 

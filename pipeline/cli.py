@@ -106,21 +106,10 @@ def _build_teacher(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """`demo`, `demo-xtok` or `demo-codecs`: which one is set on the subcommand (``demo``)."""
     from pipeline.demo.run import main as demo_main
 
-    return demo_main(args.extra)
-
-
-def _demo_xtok(args: argparse.Namespace) -> int:
-    from pipeline.demo.run import main as demo_main
-
-    return demo_main(args.extra, demo="xtok")
-
-
-def _demo_codecs(args: argparse.Namespace) -> int:
-    from pipeline.demo.run import main as demo_main
-
-    return demo_main(args.extra, demo="codecs")
+    return demo_main(args.extra, demo=args.demo)
 
 
 def _demo_onpolicy(args: argparse.Namespace) -> int:
@@ -274,21 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole story on the embedded task (options: see demo --help)",
         add_help=False,
     )
-    demo.set_defaults(func=_demo, passthrough=True)
+    demo.set_defaults(func=_demo, demo="distill", passthrough=True)
 
     demo_xtok = sub.add_parser(
         "demo-xtok",
         help="cross-tokenizer rows: a student with another tokenizer from the same cache",
         add_help=False,
     )
-    demo_xtok.set_defaults(func=_demo_xtok, passthrough=True)
+    demo_xtok.set_defaults(func=_demo, demo="xtok", passthrough=True)
 
     demo_codecs = sub.add_parser(
         "demo-codecs",
         help="codec rows: the same student from exact, compact and sampled caches",
         add_help=False,
     )
-    demo_codecs.set_defaults(func=_demo_codecs, passthrough=True)
+    demo_codecs.set_defaults(func=_demo, demo="codecs", passthrough=True)
 
     demo_onpolicy = sub.add_parser(
         "demo-onpolicy",

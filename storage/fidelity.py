@@ -51,12 +51,30 @@ def kl_to_exact(
     return out
 
 
+def _match(e_ids, p: np.ndarray, d_ids, q: np.ndarray) -> np.ndarray:
+    """match[t, j, i]: decoded entry j names exact entry i (real entries only)."""
+    return (d_ids[:, :, None] == e_ids[:, None, :]) & (q > 0)[:, :, None] & (p > 0)[:, None, :]
+
+
+def mass_on_exact(
+    exact_ids: np.ndarray, exact_logprobs: np.ndarray, ids: np.ndarray, logprobs: np.ndarray
+) -> np.ndarray:
+    """The decoded probability of each exact entry (0 where the decoded entries do not name
+    it), float64 [T, k]: decoded entries laid out on the exact ones, e.g. to average them."""
+    out = np.empty(exact_ids.shape, dtype=np.float64)
+    for lo in range(0, len(exact_ids), _CHUNK):
+        sl = slice(lo, lo + _CHUNK)
+        p = np.exp(exact_logprobs[sl].astype(np.float64))
+        q = np.exp(logprobs[sl].astype(np.float64))
+        out[sl] = np.einsum("tj,tji->ti", q, _match(exact_ids[sl], p, ids[sl], q))
+    return out
+
+
 def _kl_chunk(e_ids, e_lp, d_ids, d_lp, vocab_size: int) -> np.ndarray:
     p = np.exp(e_lp.astype(np.float64))
     q = np.exp(d_lp.astype(np.float64))
     p_real, q_real = p > 0, q > 0
-    # match[t, j, i]: decoded entry j names exact entry i (real entries only).
-    match = (d_ids[:, :, None] == e_ids[:, None, :]) & q_real[:, :, None] & p_real[:, None, :]
+    match = _match(e_ids, p, d_ids, q)
     unmatched = q_real & ~match.any(axis=2)
     if unmatched.any():
         t, j = np.argwhere(unmatched)[0]
