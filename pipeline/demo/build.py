@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -380,11 +381,15 @@ def build_teacher(
     return {**record, "cached": False}
 
 
-def write_build(out: Path, model, tokenizer, record: dict) -> None:
+def write_build(
+    out: Path, model, tokenizer, record: dict, verify: Callable[[Path], None] | None = None
+) -> None:
     """Save model, tokenizer and build.json to a temporary folder, then rename it to ``out``.
 
     An interrupted build never leaves a half model behind, and build.json (the cache marker)
-    only ever sits next to the complete files it describes.
+    only ever sits next to the complete files it describes. ``verify(folder)`` runs on the
+    saved files before build.json is written (it may add to ``record``); if it raises, the
+    folder is removed and ``out`` keeps what it had.
     """
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -392,6 +397,12 @@ def write_build(out: Path, model, tokenizer, record: dict) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     _portable_tokenizer_config(tmp / "tokenizer_config.json")
+    if verify is not None:
+        try:
+            verify(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     (tmp / "build.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():

@@ -183,6 +183,18 @@ def focus(spec: CodeSpec, corpus: Corpus) -> list[tuple[str, str]]:
     return corpus.train if spec.focus_files is None else corpus.train[: spec.focus_files]
 
 
+SPLITS = ("train", "heldout", "familiar")
+
+
+def split_files(corpus: Corpus, split: str) -> list[tuple[str, str]]:
+    """The (path, text) files of one split of the default spec's corpus."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "familiar":
+        return focus(DEFAULT_SPEC, corpus)
+    return corpus.train if split == "train" else corpus.heldout
+
+
 def code_prompts(
     n: int, seed: int = 0, max_chars: int = 1000, split: str = "heldout"
 ) -> list[dict]:
@@ -190,13 +202,12 @@ def code_prompts(
 
     ``split="heldout"``: from the default spec's held-out files (never trained on);
     ``"familiar"``: from its focus files (trained on), text the model knows, as a teacher
-    knows text like its training data. Chunks are runs of whole lines, at most ``max_chars``
-    long and at least a quarter of it; the choice is a seeded draw without replacement.
+    knows text like its training data; ``"train"``: from every training file. Chunks are
+    runs of whole lines, at most ``max_chars`` long and at least a quarter of it; the choice
+    is a seeded draw without replacement.
     """
     corpus = load_corpus(DEFAULT_SPEC)
-    if split not in ("heldout", "familiar"):
-        raise ValueError(f"split must be 'heldout' or 'familiar', got {split!r}")
-    files = corpus.heldout if split == "heldout" else focus(DEFAULT_SPEC, corpus)
+    files = split_files(corpus, split)
     chunks: list[dict] = []
     for path, text in files:
         lines = text.splitlines(keepends=True)
