@@ -25,6 +25,7 @@ from stages.teacher.engine import (
     generation_offsets,
     prompt_seeds,
 )
+from storage.reader import ragged_gather
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,15 +61,26 @@ class HFTeacher:
     @torch.inference_mode()
     def score(self, sequences: list[list[int]]) -> ScoredTokens:
         k = self.options.k
+        # Batches of similar lengths waste the least compute on padding (what a careful user
+        # of a plain forward pass would do); the rows come back in input order.
+        lengths = np.fromiter(map(len, sequences), np.int64, len(sequences))
+        order = np.argsort(lengths, kind="stable")
+        step = self.options.batch_rows
         parts = [
-            self._score_batch(sequences[i : i + self.options.batch_rows], k)
-            for i in range(0, len(sequences), self.options.batch_rows)
+            self._score_batch([sequences[j] for j in order[i : i + step]], k)
+            for i in range(0, len(sequences), step)
         ]
         if not parts:
             return ScoredTokens(
                 np.empty((0, k), np.int32), np.empty((0, k), np.float32), np.empty(0, np.float32)
             )
-        return ScoredTokens(*(np.concatenate(arrays) for arrays in zip(*parts, strict=True)))
+        sorted_starts = np.concatenate([[0], np.cumsum(lengths[order])[:-1]])
+        starts = np.empty_like(sorted_starts)
+        starts[order] = sorted_starts
+        positions, _ = ragged_gather(starts, lengths)
+        return ScoredTokens(
+            *(np.concatenate(arrays)[positions] for arrays in zip(*parts, strict=True))
+        )
 
     def _score_batch(self, batch: list[list[int]], k: int) -> tuple[np.ndarray, ...]:
         lengths = torch.tensor([len(s) for s in batch])
@@ -79,7 +91,8 @@ class HFTeacher:
         logits = self.model(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device).long()
         ).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1)[mask.to(self.device)]  # [T, V]
+        # Padding positions are dropped before the [T, V] log_softmax, not after.
+        logprobs = torch.log_softmax(logits[mask.to(self.device)].float(), dim=-1)  # [T, V]
         top = torch.topk(logprobs, k, dim=-1)
         # The actual next token of position j is token j+1 of the same row; rows end in NaN.
         next_ids = torch.zeros_like(ids)
