@@ -128,34 +128,44 @@ def _averaged(codec_name: str, params: dict, table, batch, meta, draws: int):
 
 
 def bench_codecs(k: int = 64, rows: int = 96, max_len: int = 512) -> dict:
-    """Every codec in `CODECS` on the same exact cache; returns the table as a dict."""
+    """Every codec in `CODECS` on one exact cache of the code teacher; the table as a dict."""
     from bench.run import WORK_DIR
     from pipeline.demo.build import read_build
     from pipeline.demo.code_teacher import DEFAULT_CODE_TEACHER_DIR
-    from storage.fidelity import kl_to_exact, rest_mass_error, top1_agreement
     from storage.reader import ShardSet
 
     cache, vocab = make_cache(WORK_DIR / f"code-teacher-k{k}", k, rows, max_len)
     shard_set = ShardSet.open(str(cache))
-    meta = shard_set.metadata
     index = shard_set.plan.shards[0].index
     table = pq.read_table(shard_set.layout.data_path(index, shard_set.plan.num_shards))
-    exact = shard_set.read_shard(index)
-    tokens = exact.num_tokens
     prompt_cols = table.select([n for n in table.column_names if not n.startswith("topk")
                                 and n != "next_logprob"])  # fmt: skip
-    top_mass = np.exp(exact.topk_logprobs.astype(np.float64)).sum(axis=1)
     record = read_build(REPO_ROOT / DEFAULT_CODE_TEACHER_DIR) or {}
+    stats = {"familiar": record.get("familiar"), "heldout": record.get("heldout")}
+    return codec_table(
+        prompt_cols, shard_set.read_shard(index), shard_set.metadata, vocab,
+        "code-teacher-32k", stats,
+    )  # fmt: skip
+
+
+def codec_table(prompt_cols: pa.Table, exact, meta, vocab: int, teacher: str, stats) -> dict:
+    """Every codec in `CODECS` re-encoding one exact batch (``exact``: a LogitBatch decoded
+    from fp32, ``prompt_cols``: its shard's prompt columns, ``meta``: its ShardMetadata)."""
+    from storage.fidelity import kl_to_exact, rest_mass_error, top1_agreement
+
+    tokens = exact.num_tokens
+    top_mass = np.exp(exact.topk_logprobs.astype(np.float64)).sum(axis=1)
     out: dict = {
-        "teacher": "code-teacher-32k",
-        "teacher_stats": {"familiar": record.get("familiar"), "heldout": record.get("heldout")},
+        "teacher": teacher,
+        "teacher_stats": stats,
         "vocab_size": vocab,
-        "k": k,
+        "k": exact.k,
         "rows": exact.num_rows,
         "tokens": tokens,
         "exact_top1_prob_mean": float(np.exp(exact.topk_logprobs[:, 0]).mean()),
         "exact_topk_mass_mean": float(top_mass.mean()),
         "target": {"bytes_per_token": TARGET_BYTES_PER_TOKEN, "kl": TARGET_KL},
+        "id_coding_bits_per_token": id_coding_bits(exact.topk_ids, vocab),
         "codecs": [],
     }
     fp32_speed = None
@@ -171,6 +181,7 @@ def bench_codecs(k: int = 64, rows: int = 96, max_len: int = 512) -> dict:
             "name": name,
             "params": codec.params,
             "bytes_per_token": buf.size / tokens,
+            "column_bytes_per_token": column_bytes(buf, tokens),
             "entries_per_token": float(stored.mean()),
             "encode_tokens_per_s": tokens / enc_s,
             "decode_tokens_per_s": tokens / dec_s,
@@ -196,6 +207,66 @@ def bench_codecs(k: int = 64, rows: int = 96, max_len: int = 512) -> dict:
     return out
 
 
+def column_bytes(buf: pa.Buffer, tokens: int) -> dict[str, float]:
+    """Compressed bytes/token of each top-level column of a Parquet buffer (from its footer):
+    where a codec's bytes go (ids, values, rest, or the prompt columns beside them)."""
+    meta = pq.ParquetFile(pa.BufferReader(buf)).metadata
+    sizes: dict[str, float] = {}
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            column = group.column(c)
+            name = column.path_in_schema.split(".")[0]
+            sizes[name] = sizes.get(name, 0.0) + column.total_compressed_size / tokens
+    return sizes
+
+
+def id_coding_bits(topk_ids: np.ndarray, vocab: int) -> dict[str, float]:
+    """What coding the top-k ids with a prior could buy, before anyone builds it: the ideal
+    code length (bits per token) of each position's k ids, in rank order, under
+
+    - ``uniform``: every id equally likely (k log2 V; today's codecs pay about this);
+    - ``unigram``: each id's frequency in the top-k sets, fitted on the even positions and
+      measured on the odd ones (add-one smoothed), as a static table a reader would ship;
+    - ``previous_set``: an id of the previous position's set costs a flag plus its index
+      there (1 + log2 k), any other id a flag plus its unigram code;
+    - ``set_order``: the log2 k! bits that rank order costs over an unordered set (an upper
+      bound on what coding the set apart from the values could save).
+
+    Vectorised over positions and entries (bincount, sort and searchsorted, no loop).
+    """
+    ids = np.asarray(topk_ids, dtype=np.int64)
+    t, k = ids.shape
+    fit, test = ids[0::2], ids[1::2]
+    counts = np.bincount(fit.ravel(), minlength=vocab).astype(np.float64) + 1.0
+    bits_of = -np.log2(counts / counts.sum())
+    unigram = bits_of[test]  # [T/2, k]
+    # Is test[i, j] in the set of the position before it (ids[2i])? One sorted row each.
+    prev = np.sort(ids[0::2][: len(test)], axis=1)
+    rows = np.arange(len(test))[:, None]
+    at = _row_searchsorted(prev, test)
+    member = prev[rows, np.minimum(at, k - 1)] == test
+    cost_prev = np.where(member, 1.0 + np.log2(k), 1.0 + unigram)
+    log2_fact = float(np.sum(np.log2(np.arange(1, k + 1))))
+    return {
+        "uniform": float(k * np.log2(vocab)),
+        "unigram": float(unigram.sum(axis=1).mean()),
+        "previous_set": float(cost_prev.sum(axis=1).mean()),
+        "previous_set_hit_rate": float(member.mean()),
+        "set_order": log2_fact,
+        "positions": int(t),
+    }
+
+
+def _row_searchsorted(sorted_rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``np.searchsorted`` of each row of ``values`` in the same row of ``sorted_rows``, for
+    all rows at once: offsetting row r by r * span keeps rows apart in one flat search."""
+    span = int(max(sorted_rows.max(initial=0), values.max(initial=0))) + 1
+    row = np.arange(len(sorted_rows), dtype=np.int64)[:, None]
+    flat = np.searchsorted((sorted_rows + row * span).ravel(), (values + row * span).ravel())
+    return flat.reshape(values.shape) - row * sorted_rows.shape[1]
+
+
 def render_row(r: dict) -> str:
     avg = r.get(f"kl_mean_of_{AVERAGED_DRAWS}_draws")
     return (
@@ -208,10 +279,19 @@ def render_row(r: dict) -> str:
 
 def render(result: dict) -> str:
     head = (
-        f"codecs on the trained {result['vocab_size']:,}-token code teacher, k={result['k']}, "
+        f"codecs on {result['teacher']} ({result['vocab_size']:,} tokens), k={result['k']}, "
         f"{result['tokens']:,} tokens (mean top-1 p {result['exact_top1_prob_mean']:.2f}, "
         f"top-k mass {result['exact_topk_mass_mean']:.4f})\n"
         f"{'codec':<18} {'B/tok':>7} {'ent/t':>6} {'enc tok/s':>10} {'dec tok/s':>10} "
         f"{'KL':>9} {'top-1':>6} {'rest err':>9}"
     )
-    return "\n".join([head, *(render_row(r) for r in result["codecs"])])
+    bits = result.get("id_coding_bits_per_token")
+    lines = [head, *(render_row(r) for r in result["codecs"])]
+    if bits:
+        lines.append(
+            f"top-{result['k']} ids, ideal bytes/token: uniform {bits['uniform'] / 8:.1f}, "
+            f"unigram prior {bits['unigram'] / 8:.1f}, previous position's set "
+            f"{bits['previous_set'] / 8:.1f} (hit rate {bits['previous_set_hit_rate']:.2f}); "
+            f"rank order costs {bits['set_order'] / 8:.1f} of them"
+        )
+    return "\n".join(lines)

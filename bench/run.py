@@ -21,10 +21,15 @@ Plus the codec table (bench/codecs.py): bytes/token, encode/decode speed and fid
 exact, top-1, rest mass) of every codec on one exact cache of the trained 32k-vocabulary
 code teacher.
 
+Plus the `smollm2` suite (bench/smollm2.py): the same three measurements on the real
+SmolLM2-135M-Instruct over standard-library text with a length mix, the floor's split into
+forward and vocabulary work, vLLM prefill without logprobs, the codec table on its exact
+output, and generate-teacher on held-out chat prompts (tokens/s, share ending in EOS).
+
 Plus cross-tokenizer alignment: vectorised `align_spans` against its per-token reference on
 the same rows, and `Aligner.align` end to end (bench/align.py; a few seconds, no teacher).
 
-    python -m bench.run [--suite tiny|llama45m|loader|align|plan|codecs|all] [--rows N]
+    python -m bench.run [--suite tiny|llama45m|smollm2|loader|align|plan|codecs|all] [--rows N]
                         [--seq-len N]
                         [--k 64] [--slow]
 """
@@ -161,7 +166,19 @@ def run_pipeline(suite: Suite, k: int, out: Path) -> dict:
     return {"summary": summary, "wall_s": wall}
 
 
-def measure_engine(options, sequences: list[list[int]]) -> tuple[float, object]:
+@dataclass
+class EngineRun:
+    """One engine's tokens/s on a prompt set, after a warm-up call, and its output."""
+
+    tokens_per_s: float
+    scored: object  # stages.teacher.ScoredTokens
+    # vLLM only: the same prompts prefilled without any logprobs (one generated token, no
+    # prompt_logprobs), so tokens_per_s / prefill_tokens_per_s is what the top-k and
+    # logprob processing of the vocabulary costs on top of the forward passes.
+    prefill_tokens_per_s: float | None = None
+
+
+def measure_engine(options, sequences: list[list[int]]) -> EngineRun:
     """Tokens/s of one engine on `sequences`, after a warm-up call; returns the scores too."""
     from stages.teacher import load_engine
 
@@ -171,10 +188,19 @@ def measure_engine(options, sequences: list[list[int]]) -> tuple[float, object]:
         t0 = time.perf_counter()
         scored = engine.score(sequences)
         seconds = time.perf_counter() - t0
+        prefill = None
+        if options.engine == "vllm":
+            import vllm
+
+            params = vllm.SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+            prompts = [{"prompt_token_ids": s} for s in sequences]
+            t0 = time.perf_counter()
+            engine.llm.generate(prompts, params, use_tqdm=False)
+            prefill = scored.num_tokens / (time.perf_counter() - t0)
     finally:
         engine.close()
         gc.collect()
-    return scored.num_tokens / seconds, scored
+    return EngineRun(scored.num_tokens / seconds, scored, prefill)
 
 
 def codec_bytes(scored, sequences: list[list[int]], k: int) -> dict[str, float]:
@@ -205,12 +231,23 @@ def codec_bytes(scored, sequences: list[list[int]], k: int) -> dict[str, float]:
     return out
 
 
-def task_breakdown(out: Path) -> tuple[float, dict[str, float]]:
+@dataclass
+class TaskBreakdown:
+    """What the completion records of one pipeline run say about its tasks."""
+
+    warm_tokens_per_s: float  # tasks after each worker's first (its engine is warm)
+    stage_share: dict[str, float]  # share of task time in read / engine / encode / write
+    cold_start_s: float  # first shards' time beyond what the warm rate gives their tokens
+    task_s: float  # summed task time
+
+
+def task_breakdown(out: Path) -> TaskBreakdown:
     """Task tokens/s once each worker's engine is warm, and where task time goes.
 
     A worker's first shard carries the engine's first forward passes (graph capture, allocator
     growth): on a short benchmark that one-off cost, not the stage, sets the steady-state rate.
-    So the warm rate leaves out each worker's first finished shard.
+    So the warm rate leaves out each worker's first finished shard, and that shard's extra
+    time is reported on its own as the cold start.
     """
     from storage.layout import ShardSetLayout
     from storage.manifest import read_done, read_plan
@@ -222,20 +259,39 @@ def task_breakdown(out: Path) -> tuple[float, dict[str, float]]:
         key=lambda r: r.finished_at,
     )
     seen: set[str] = set()
-    warm = []
+    warm, first = [], []
     for record in records:
-        if record.worker in seen:
-            warm.append(record)
+        (warm if record.worker in seen else first).append(record)
         seen.add(record.worker)
     warm_s = sum(r.timings.get("total_s", 0.0) for r in warm)
     warm_tps = sum(r.tokens for r in warm) / warm_s if warm_s else 0.0
-    total = sum(r.timings.get("total_s", 0.0) for r in records) or 1.0
+    total = sum(r.timings.get("total_s", 0.0) for r in records)
     stages = ("read_s", "engine_s", "encode_s", "write_s")
-    share = {s: sum(r.timings.get(s, 0.0) for r in records) / total for s in stages}
-    return warm_tps, share
+    share = {s: sum(r.timings.get(s, 0.0) for r in records) / (total or 1.0) for s in stages}
+    cold = sum(r.timings.get("total_s", 0.0) - (r.tokens / warm_tps if warm_tps else 0.0)
+               for r in first)  # fmt: skip
+    return TaskBreakdown(warm_tps, share, cold, total)
 
 
-def bench_suite(suite: Suite, k: int) -> dict:
+@dataclass
+class SuiteRun:
+    """Everything one suite measured, with the engines' outputs for further tables."""
+
+    result: dict
+    out: Path  # the pipeline's shard set
+    sequences: list[list[int]]
+    vllm: EngineRun
+
+
+def measure_suite(suite: Suite, k: int) -> SuiteRun:
+    """The pipeline, the transformers floor and vLLM alone on the same prompts, in one run.
+
+    The headline ``pipeline_tokens_per_s`` is the steady state a long job runs at: planning
+    (read, validate, tokenize: it scales with the data) plus the tasks at their warm rate.
+    A job of thousands of shards pays the engine's first-shard warm-up once; a benchmark of a
+    few shards would let it set the figure, so it is reported apart (``cold_start_s``), with
+    the cluster and engine start (``startup_s``) and the plain wall-clock rate.
+    """
     from stages.teacher import TeacherOptions
 
     print(f"== {suite.name}: pipeline (LocalCluster + vLLM)", flush=True)
@@ -248,11 +304,11 @@ def bench_suite(suite: Suite, k: int) -> dict:
         model=str(suite.model_dir), k=k, dtype=suite.dtype, max_model_len=suite.max_model_len
     )
     print(f"== {suite.name}: compute floor (transformers forward + log_softmax + top-{k})")
-    floor_tps, scored = measure_engine(
+    floor = measure_engine(
         options.model_copy(update={"engine": "transformers", "batch_rows": 8}), sequences
     )
     print(f"== {suite.name}: vLLM engine alone")
-    engine_tps, _ = measure_engine(options, sequences)
+    engine = measure_engine(options, sequences)
     default_tps = None
     if not _has_cuda():
         # Part of the same run: the engine as a Dask worker started it before
@@ -260,34 +316,52 @@ def bench_suite(suite: Suite, k: int) -> dict:
         # thread limits of 1.
         print(f"== {suite.name}: vLLM engine alone, as a worker ran it before engine_cpus")
         with _env({BIND_ENV: "auto", **dict.fromkeys(THREAD_LIMIT_ENVS, "1")}):
-            default_tps, _ = measure_engine(options, sequences)
-    # Steady state: everything that scales with the data (planning incl. tokenisation + tasks).
-    steady_s = summary.plan_s + summary.engine_s
-    pipeline_tps = tokens / steady_s if steady_s else 0.0
-    warm_tps, stage_share = task_breakdown(out)
-    return {
+            default_tps = measure_engine(options, sequences).tokens_per_s
+    tasks = task_breakdown(out)
+    floor_tps = floor.tokens_per_s
+    warm_s = tokens / tasks.warm_tokens_per_s if tasks.warm_tokens_per_s else summary.engine_s
+    steady_tps = tokens / (summary.plan_s + warm_s)
+    # Planning plus every task as timed, the first shard's warm-up included.
+    tasks_tps = tokens / (summary.plan_s + summary.engine_s) if summary.engine_s else 0.0
+    result = {
         "suite": suite.name,
         "model": str(suite.model_dir.relative_to(REPO_ROOT)),
         "dtype": suite.dtype,
         "k": k,
         "rows": len(sequences),
+        "shards": summary.shards,
         "tokens": tokens,
+        "row_tokens": {
+            "min": min(map(len, sequences)),
+            "median": float(np.median([len(s) for s in sequences])),
+            "max": max(map(len, sequences)),
+        },
         "floor_tokens_per_s": floor_tps,
-        "vllm_engine_tokens_per_s": engine_tps,
+        "vllm_engine_tokens_per_s": engine.tokens_per_s,
+        "vllm_prefill_no_logprobs_tokens_per_s": engine.prefill_tokens_per_s,
         "vllm_engine_default_binding_tokens_per_s": default_tps,
         "engine_cpus": os.environ.get(BIND_ENV),
-        "pipeline_tokens_per_s": pipeline_tps,
+        "pipeline_tokens_per_s": steady_tps,
+        "pipeline_tasks_tokens_per_s": tasks_tps,
         "pipeline_wall_tokens_per_s": tokens / run["wall_s"],
         "pipeline_wall_s": run["wall_s"],
-        "ratio_engine_to_floor": engine_tps / floor_tps,
-        "ratio_pipeline_to_floor": pipeline_tps / floor_tps,
-        "pipeline_warm_tasks_tokens_per_s": warm_tps,
-        "ratio_warm_tasks_to_floor": warm_tps / floor_tps,
-        "task_time_share": stage_share,
+        "plan_s": summary.plan_s,
+        "cold_start_s": tasks.cold_start_s,
+        "startup_s": run["wall_s"] - summary.plan_s - tasks.task_s,
+        "ratio_engine_to_floor": engine.tokens_per_s / floor_tps,
+        "ratio_pipeline_to_floor": steady_tps / floor_tps,
+        "ratio_pipeline_to_engine": steady_tps / engine.tokens_per_s,
+        "ratio_tasks_to_floor": tasks_tps / floor_tps,
+        "pipeline_warm_tasks_tokens_per_s": tasks.warm_tokens_per_s,
+        "ratio_warm_tasks_to_floor": tasks.warm_tokens_per_s / floor_tps,
+        "task_time_share": tasks.stage_share,
         "ratio_pipeline_wall_to_floor": tokens / run["wall_s"] / floor_tps,
         "bytes_per_token_on_disk": summary.bytes_per_token,
-        "bytes_per_token_by_codec": codec_bytes(scored, sequences, k),
+        "bytes_per_token_by_codec": codec_bytes(floor.scored, sequences, k),
     }
+    if engine.prefill_tokens_per_s:
+        result["ratio_engine_to_prefill"] = engine.tokens_per_s / engine.prefill_tokens_per_s
+    return SuiteRun(result, out, sequences, engine)
 
 
 @contextlib.contextmanager
@@ -314,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--suite",
-        choices=["tiny", "llama45m", "loader", "align", "plan", "codecs", "all"],
+        choices=["tiny", "llama45m", "smollm2", "loader", "align", "plan", "codecs", "all"],
         default="all",
     )
     parser.add_argument("--k", type=int, default=64)
@@ -326,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     # The in-process engines (floor, vLLM alone) get the cores a single pipeline worker gets.
     bind_engine_cpus(engine_cpus(AUTO, None, None, allowed_cpus()))
 
-    teacher = _teacher_dir() if args.suite not in ("align", "codecs") else None
+    teacher = _teacher_dir() if args.suite not in ("align", "codecs", "smollm2") else None
     suites = []
     if args.suite in ("tiny", "loader", "all"):
         suites.append(
@@ -343,13 +417,20 @@ def main(argv: list[str] | None = None) -> int:
         suites.append(Suite(f"llama45m-{dtype}", model, data, dtype, args.seq_len + 8, 16))
 
     results = [
-        bench_suite(s, args.k) for s in suites if args.suite not in ("loader", "plan", "codecs")
+        measure_suite(s, args.k).result
+        for s in suites
+        if args.suite not in ("loader", "plan", "codecs", "smollm2")
     ]
     report = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "results": results,
     }
+    smollm2 = None
+    if args.suite in ("smollm2", "all"):
+        from bench.smollm2 import bench_smollm2
+
+        smollm2 = report["smollm2"] = bench_smollm2(k=args.k)
     loader = None
     if args.suite in ("loader", "all"):
         from bench.loader import bench_loader
@@ -382,6 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS_DIR / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     if results:
         print(render_table(results))
+    if smollm2 is not None:
+        from bench.smollm2 import render as render_smollm2
+
+        print(render_smollm2(smollm2))
     if loader is not None:
         from bench.loader import render
 

