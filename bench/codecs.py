@@ -47,6 +47,9 @@ CODECS: tuple[tuple[str, str, dict], ...] = (
     ("compact drop 0", "compact", {"drop_mass": 0.0}),
     ("compact drop 3e-5", "compact", {"drop_mass": 3e-5}),
     ("compact drop 3e-4", "compact", {"drop_mass": 3e-4}),
+    # Fewer entries where the mass allows: how far the KL moves when 10-30 entries go.
+    ("compact drop 1e-3", "compact", {"drop_mass": 1e-3}),
+    ("compact drop 1e-2", "compact", {"drop_mass": 1e-2}),
     ("sampled 12", "sampled", {"samples": 12}),
     ("sampled 32", "sampled", {"samples": 32}),
 )

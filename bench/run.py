@@ -194,6 +194,9 @@ def measure_engine(options, sequences: list[list[int]]) -> EngineRun:
 
             params = vllm.SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
             prompts = [{"prompt_token_ids": s} for s in sequences]
+            # Scoring just filled the prefix cache with these prompts (requests with
+            # prompt_logprobs bypass it, these would not): empty it, or the prefill is free.
+            engine.llm.reset_prefix_cache()
             t0 = time.perf_counter()
             engine.llm.generate(prompts, params, use_tqdm=False)
             prefill = scored.num_tokens / (time.perf_counter() - t0)
