@@ -106,10 +106,18 @@ def check_alignment(
             )
         reports[source.url] = report
         mapped = report["mapped_mass"]
+        cut = report["truncated"]
+        truncated = (
+            f"; {cut['rows']:,} truncated rows aligned on their prefix "
+            f"({cut['teacher_tokens_cut']:,} teacher tokens after the last common boundary cut)"
+            if cut["rows"]
+            else ""
+        )
         log(
             f"cross-tokenizer: {source.url}, {count} shard(s): {report['rows']:,} rows aligned, "
             f"dropped {report['dropped'] or 'none'}; trained spans {report['spans']}; teacher "
             f"top-k mass on mapped ids {'n/a' if mapped is None else format(mapped, '.1%')}"
+            f"{truncated}"
         )
     log(f"cross-tokenizer: vocabulary map {aligner.vocab.coverage()}")
     return {"vocab": aligner.vocab.coverage(), "samples": reports}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -60,6 +60,10 @@ class LogitBatch:
     text: list[str] | None = None
     byte_start: np.ndarray | None = None
     byte_end: np.ndarray | None = None
+    # bool [R]: the prompt stage cut the row to fit the context (its tokens then cover only a
+    # prefix of ``text``), the shard's ``truncated`` column. None where the batch was built
+    # without it: no row is known to be truncated.
+    truncated: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
@@ -93,7 +97,51 @@ class LogitBatch:
             text=None if self.text is None else [self.text[i] for i in rows.tolist()],
             byte_start=None if self.byte_start is None else self.byte_start[positions],
             byte_end=None if self.byte_end is None else self.byte_end[positions],
+            truncated=None if self.truncated is None else self.truncated[rows],
         )
+
+    def head(self, counts: np.ndarray) -> LogitBatch:
+        """The first ``counts[i]`` positions of each row i (``counts`` <= the row lengths;
+        the batch itself when that is every position).
+
+        Cut rows are marked ``truncated``, and their new last position gets the NaN that
+        every row's last position holds (``next_logprob``, ``policy_logprob``): the token it
+        scored is gone. ``text`` is kept whole, as the prompt stage keeps a truncated row's.
+        """
+        counts = np.asarray(counts, dtype=np.int64)
+        lengths = np.diff(self.row_offsets)
+        if counts.shape != lengths.shape or (counts < 0).any() or (counts > lengths).any():
+            raise ValueError("head needs 0 <= counts[i] <= the length of row i, for every row")
+        cut = counts < lengths
+        if not cut.any():
+            return self
+        positions, offsets = ragged_gather(self.row_offsets[:-1], counts)
+        last = offsets[1:][cut & (counts > 0)] - 1
+
+        def per_position(values: np.ndarray | None) -> np.ndarray | None:
+            if values is None:
+                return None
+            out = values[positions]
+            out[last] = np.nan
+            return out
+
+        return replace(
+            self,
+            row_offsets=offsets,
+            input_ids=self.input_ids[positions],
+            prompt_len=np.minimum(self.prompt_len, counts).astype(self.prompt_len.dtype),
+            topk_ids=self.topk_ids[positions],
+            topk_logprobs=self.topk_logprobs[positions],
+            next_logprob=per_position(self.next_logprob),
+            policy_logprob=per_position(self.policy_logprob),
+            byte_start=None if self.byte_start is None else self.byte_start[positions],
+            byte_end=None if self.byte_end is None else self.byte_end[positions],
+            truncated=self.truncated_rows() | cut,
+        )
+
+    def truncated_rows(self) -> np.ndarray:
+        """``truncated``, or all False for a batch built without it."""
+        return np.zeros(self.num_rows, bool) if self.truncated is None else self.truncated
 
     def policy_logprobs(self) -> np.ndarray:
         """``policy_logprob``, or all NaN for rows without rollout columns."""
@@ -132,6 +180,10 @@ class LogitBatch:
             else [t for b in batches for t in b.text],  # type: ignore[union-attr]
             byte_start=_concat_all([b.byte_start for b in batches]),
             byte_end=_concat_all([b.byte_end for b in batches]),
+            # A part without the column has no row known to be truncated.
+            truncated=np.concatenate([b.truncated_rows() for b in batches])
+            if any(b.truncated is not None for b in batches)
+            else None,
         )
 
     def row(self, i: int) -> dict[str, Any]:
@@ -253,6 +305,9 @@ def decode_logit_table(table: pa.Table, metadata: ShardSetMetadata) -> LogitBatc
         policy_logprob=policy_lp,
         text=table.column("text").to_pylist(),
         **spans,
+        truncated=_numpy(_array(table.column("truncated")), bool)
+        if "truncated" in table.column_names
+        else None,
     )
 
 

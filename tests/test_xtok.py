@@ -24,6 +24,8 @@ from stages.align.aligner import Aligner
 from stages.train.loader import DistillDataset, SourceError, open_sources
 from stages.train.losses import generalized_jsd
 from stages.train.xtok_losses import xtok_loss
+from storage.reader import LogitBatch
+from tests.conftest import cache_settings, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +44,28 @@ def merged_digits(tmp_path_factory, teacher_tokenizer) -> Path:
     )
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def truncated_cache(tmp_path_factory, teacher_dir: Path, dask_client) -> Path:
+    """The first 32 rows of `train_cache` cached again with ``prompts.max_length`` 16: each
+    keeps its BOS, its 12 prompt tokens ("73659+75591=") and 3 of its 6 answer digits."""
+    from pipeline.config import CacheTeacherConfig
+    from pipeline.demo.task import generate
+    from pipeline.execute import run_cache_teacher
+
+    root = tmp_path_factory.mktemp("truncated-cache")
+    rows = write_jsonl(root / "rows.jsonl", generate(DEFAULT_TASK, 512, "train", seed=1)[:32])
+    settings = cache_settings(rows, root / "cache", teacher_dir, max_length=16)
+    run_cache_teacher(
+        CacheTeacherConfig.model_validate(settings), client=dask_client, log=lambda _: None
+    )
+    return root / "cache"
+
+
+def _read_all(cache: Path) -> LogitBatch:
+    (source,) = open_sources([str(cache)])
+    return LogitBatch.concat([source.read(i) for i in range(source.num_shards)])
 
 
 def _first_batch(source: Path, tokenizer, aligner: Aligner | None) -> dict[str, torch.Tensor]:
@@ -119,6 +143,62 @@ def test_merged_digits_align_n_to_1(train_cache: Path, teacher_tokenizer, merged
     chains = rows.chain[rows.span_trained]
     ones = rows.teacher_tokens[rows.span_trained] == 1
     assert (chains[ones] == 0).all() and (chains[~ones] <= 0).all() and (chains[~ones] < 0).any()
+
+
+def test_truncated_rows_align_as_a_prefix_of_the_whole_rows(
+    train_cache: Path, truncated_cache: Path, teacher_tokenizer, merged_digits, capsys
+) -> None:
+    """Rows cut by max_length keep their whole text: aligned on the teacher's prefix (all
+    were dropped as teacher_round_trip), each is its untruncated alignment's first spans, up
+    to the last boundary both tokenizers share (the student merges digits, so the cut after
+    the third answer digit often falls inside one of its tokens)."""
+    from pipeline.cli import main
+
+    student = AutoTokenizer.from_pretrained(merged_digits)
+    aligner = Aligner(teacher_tokenizer, student)
+    short = _read_all(truncated_cache)
+    assert short.num_rows == 32 and short.truncated.all()
+    assert (np.diff(short.row_offsets) == 16).all()
+    rows, drops = aligner.align(short)
+    assert rows.num_rows == short.num_rows and sum(drops.values()) == 0
+    whole = _read_all(train_cache)
+    index = {rid: i for i, rid in enumerate(whole.ids)}
+    full, _ = aligner.align(whole.take(np.array([index[i] for i in short.ids])))
+    assert full.ids == rows.ids == short.ids
+    cut_rows = 0
+    for r in range(rows.num_rows):
+        p0, p1 = rows.span_offsets[r], rows.span_offsets[r + 1]
+        f0 = full.span_offsets[r]
+        n = p1 - p0
+        for name in ("span_trained", "teacher_tokens"):
+            np.testing.assert_array_equal(
+                getattr(rows, name)[p0:p1], getattr(full, name)[f0 : f0 + n]
+            )
+        s0, s1 = rows.row_offsets[r], rows.row_offsets[r + 1]
+        g0 = full.row_offsets[r]
+        np.testing.assert_array_equal(rows.input_ids[s0:s1], full.input_ids[g0 : g0 + s1 - s0])
+        kept = int(rows.teacher_tokens[p0:p1].sum())
+        assert rows.cut_teacher_tokens[r] == 16 - kept >= 0
+        assert int(full.teacher_tokens[f0 : f0 + n + 1].sum()) > 16  # the next span is cut
+        cut_rows += rows.cut_teacher_tokens[r] > 0
+        # The same teacher forward pass on a shorter sequence: the same top-1 and logprobs
+        # up to the engine's batching (fp16 in the cache).
+        trained = rows.span_trained[p0:p1]
+        assert trained.any()
+        a, b = rows.topk_ids[p0:p1][trained], full.topk_ids[f0 : f0 + n][trained]
+        assert (a[:, 0] == b[:, 0]).all()
+        np.testing.assert_allclose(
+            rows.topk_logprobs[p0:p1][trained][:, 0],
+            full.topk_logprobs[f0 : f0 + n][trained][:, 0],
+            atol=2e-2,
+        )
+    assert cut_rows > 0
+    # The align command reports them.
+    argv = ["align", "--cache", str(truncated_cache), "--student-tokenizer", str(merged_digits)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "32 rows aligned, dropped none" in printed
+    assert "32 truncated rows aligned on their prefix" in printed
 
 
 def _settings(source: Path, tokenizer: Path, out: Path, **loss) -> dict:

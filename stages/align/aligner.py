@@ -8,10 +8,39 @@ span's teacher target is then the top-k stored at that teacher position plus ``c
 teacher's exact log-probability of the span's remaining teacher tokens (the sum of their
 ``next_logprob``: the chain rule, exact even where a token is outside the top-k).
 
+Truncated rows (``truncated``: longer than ``prompts.max_length`` with ``on_too_long:
+truncate``) keep their whole string in ``text`` while their tokens cover only its first
+bytes. Such a row is aligned on that prefix:
+
+- its teacher tokens' exact bytes must equal the text's first bytes, byte for byte, as a
+  whole row's must equal its whole text;
+- the student cuts the *whole* text, as it would the untruncated row, and both sides are cut
+  at the last byte offset inside the prefix where both have a token boundary. The teacher
+  tokens after it (the rest of a word the student cuts elsewhere, the first bytes of a
+  character the teacher split) and the student tokens after it are not aligned; the teacher
+  tokens cut are counted per row (``cut_teacher_tokens``, in `Aligner.report`).
+
+So a truncated row's spans are exactly the first spans of the same row aligned untruncated:
+the same student ids, and the same teacher targets, the teacher being causal. All of them
+are trained like any other, the last included: it ends on a boundary both tokenizations
+have, not at the cut. The student is deliberately not given the prefix alone: it would cut
+a string that stops mid-word differently from the text (BPE merges and Unigram pieces are
+chosen per word, so not only the last token changes), and spans of those tokens would teach
+splits the student never makes in context. The price is tokenizing the full text of a
+truncated row, as every row's text is tokenized.
+
+The ``truncated`` flag, not "the tokens cover a prefix", decides which rows may stop short:
+tokens of an untruncated row that do not reach the end of its text are an error (a text
+changed after tokenization, a normalizer that dropped bytes) and the row drops as
+``teacher_round_trip``. A batch without the column (built in memory; every cache has it) has
+no truncated row, and a flagged row whose tokens cover its whole text (a generated row cut
+with its text) is aligned whole.
+
 A row is dropped, counted under its reason, when it cannot be aligned faithfully: its text
 does not round-trip through either tokenizer, it has no byte spans (a rollout with invalid
-UTF-8 stores -1), or no completion span lines up (the prompt/completion boundary falls inside
-a student token and the completion is one span). Nothing is ever aligned approximately.
+UTF-8 stores -1), it is truncated and no student token boundary meets a teacher one inside
+its prefix, or no completion span lines up (the prompt/completion boundary falls inside a
+student token and the completion is one span). Nothing is ever aligned approximately.
 
 BOS and EOS that a post-processor added (no bytes in the text) get one virtual byte on both
 sides, so the teacher's EOS aligns 1:1 with the student's EOS and "stop here" is distilled
@@ -36,6 +65,7 @@ DROP_REASONS = {
     "empty": "no text",
     "teacher_round_trip": "the teacher tokens do not reproduce the text",
     "student_round_trip": "the student tokenizer does not reproduce the text",
+    "no_common_cut": "truncated, and no student token ends where a teacher token does",
     "no_completion_span": "no completion span aligns (the prompt boundary is inside a token)",
 }
 
@@ -58,6 +88,9 @@ class AlignedRows:
     topk_logprobs: np.ndarray  # float32 [P, k]
     chain: np.ndarray  # float32 [P] teacher logprob of the span's other teacher tokens
     teacher_tokens: np.ndarray  # int32 [P] teacher tokens in the span
+    # int32 [R]: a truncated row's teacher tokens after its last common boundary (not
+    # aligned); -1 for a row aligned whole.
+    cut_teacher_tokens: np.ndarray
 
     @property
     def num_rows(self) -> int:
@@ -86,6 +119,7 @@ class AlignedRows:
             topk_logprobs=self.topk_logprobs[span],
             chain=self.chain[span],
             teacher_tokens=self.teacher_tokens[span],
+            cut_teacher_tokens=self.cut_teacher_tokens[rows],
         )
 
     @classmethod
@@ -114,6 +148,7 @@ class AlignedRows:
             topk_logprobs=cat("topk_logprobs"),
             chain=cat("chain"),
             teacher_tokens=cat("teacher_tokens"),
+            cut_teacher_tokens=cat("cut_teacher_tokens"),
         )
 
     def span_shapes(self) -> dict[str, int]:
@@ -168,25 +203,45 @@ class Aligner:
         keep &= ~no_spans
         batch = batch.take(np.flatnonzero(keep))
         texts = batch.text or []
+        raw = [t.encode("utf-8") for t in texts]
 
-        # Teacher side: exact bytes of the cached tokens.
-        t_ids = batch.input_ids.astype(np.int64)
+        # Teacher side: exact bytes of the cached tokens (a truncated row's: a prefix).
         t_bytes = exact_token_bytes(
             self.teacher_table,
-            t_ids,
+            batch.input_ids.astype(np.int64),
             batch.row_offsets,
             batch.byte_start,
             batch.byte_end,
-            [t.encode("utf-8") for t in texts],
+            raw,
+            prefix=batch.truncated_rows(),
         )
-        # Student side: the same texts, cut by the student tokenizer.
+        # Student side: the same texts, whole, cut by the student tokenizer.
         enc = encode_texts(self.student_tokenizer, self.student_table, texts)
         drops["teacher_round_trip"] = int((~t_bytes.ok).sum())
         drops["student_round_trip"] = int((t_bytes.ok & ~enc.token_bytes.ok).sum())
         good = t_bytes.ok & enc.token_bytes.ok
 
+        # Truncated rows: both sides end at the last common token boundary of the prefix.
+        text_len = np.fromiter(map(len, raw), np.int64, len(raw))
+        short = good & (t_bytes.covered < text_len)
+        t_count, s_count, cut_at = _common_cut(
+            t_bytes.lengths,
+            batch.row_offsets,
+            enc.token_bytes.lengths,
+            enc.row_offsets,
+            t_bytes.covered,
+            short,
+        )
+        drops["no_common_cut"] = int((short & (cut_at == 0)).sum())
+        good &= ~(short & (cut_at == 0))
+        cut_teacher = np.where(short, np.diff(batch.row_offsets) - t_count, -1)
+        t_len = t_bytes.lengths[ragged_gather(batch.row_offsets[:-1], t_count)[0]]
+        batch = batch.head(t_count)
+        s_tok, s_off = ragged_gather(enc.row_offsets[:-1], s_count)
+        s_ids, s_len = enc.ids[s_tok], enc.token_bytes.lengths[s_tok]
+        t_ids = batch.input_ids.astype(np.int64)
+
         # Post-processor BOS / EOS: a virtual byte on both sides when the student has one too.
-        t_len = t_bytes.lengths.copy()
         t_first, t_last = batch.row_offsets[:-1], batch.row_offsets[1:] - 1
         nonempty = t_last >= t_first
         special = self.teacher_table.special[t_ids]
@@ -201,9 +256,9 @@ class Aligner:
         t_len[t_first[lead]] = 1
         t_len[t_last[trail]] = 1
         s_ids, s_off, s_len = _add_specials(
-            enc.ids,
-            enc.row_offsets,
-            enc.token_bytes.lengths,
+            s_ids,
+            s_off,
+            s_len,
             lead,
             trail,
             self.student_bos,
@@ -221,7 +276,7 @@ class Aligner:
         s_ids, s_len = s_ids[s_tok], s_len[s_tok]
 
         spans = align_spans(t_len, batch.row_offsets, s_len, s_off)
-        rows = self._spans(batch, spans, s_ids, s_off)
+        rows = self._spans(batch, spans, s_ids, s_off, cut_teacher[sel].astype(np.int32))
         span_rows = rows_of(rows.span_offsets)
         trained_rows = np.zeros(rows.num_rows, dtype=bool)
         trained_rows[span_rows[rows.span_trained]] = True
@@ -231,13 +286,17 @@ class Aligner:
     def report(self, parts: list[tuple[AlignedRows, Counter[str]]]) -> dict[str, Any]:
         """What alignment did to some aligned shards: rows kept and dropped (by reason),
         trained spans by shape, the vocabulary map's coverage and the share of the teacher's
-        top-k probability mass (on trained spans) that falls on mapped ids."""
+        top-k probability mass (on trained spans) that falls on mapped ids; truncated rows
+        aligned on a prefix, and the teacher tokens after their last common boundary."""
         drops: Counter[str] = Counter()
         spans: Counter[str] = Counter()
         mass = mapped_mass = 0.0
+        truncated = cut = 0
         for rows, dropped in parts:
             drops.update(dropped)
             spans.update(rows.span_shapes())
+            truncated += int((rows.cut_teacher_tokens >= 0).sum())
+            cut += int(rows.cut_teacher_tokens[rows.cut_teacher_tokens > 0].sum())
             p = np.exp(rows.topk_logprobs[rows.span_trained].astype(np.float64))
             mapped = self.vocab.teacher_to_student[rows.topk_ids[rows.span_trained]] >= 0
             mass += float(p.sum())
@@ -246,12 +305,18 @@ class Aligner:
             "rows": sum(rows.num_rows for rows, _ in parts),
             "dropped": {DROP_REASONS[k]: v for k, v in drops.items() if v},
             "spans": {shape: spans[shape] for shape in ("1:1", "1:n", "n:1", "n:m")},
+            "truncated": {"rows": truncated, "teacher_tokens_cut": cut},
             "vocab": self.vocab.coverage(),
             "mapped_mass": round(mapped_mass / mass, 4) if mass > 0 else None,
         }
 
     def _spans(
-        self, batch: LogitBatch, spans: SpanAlignment, s_ids: np.ndarray, s_off: np.ndarray
+        self,
+        batch: LogitBatch,
+        spans: SpanAlignment,
+        s_ids: np.ndarray,
+        s_off: np.ndarray,
+        cut_teacher_tokens: np.ndarray,
     ) -> AlignedRows:
         """Span tables: first tokens, trained flags, teacher top-k and chain."""
         n_rows = batch.num_rows
@@ -296,7 +361,62 @@ class Aligner:
             ),
             chain=chain,
             teacher_tokens=(last_t - first_t + 1).astype(np.int32),
+            cut_teacher_tokens=cut_teacher_tokens,
         )
+
+
+def _common_cut(
+    t_len: np.ndarray,
+    t_off: np.ndarray,
+    s_len: np.ndarray,
+    s_off: np.ndarray,
+    covered: np.ndarray,
+    short: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the rows ``short`` (bool [R]) end: the last byte offset in ``(0, covered[r]]`` at
+    which a teacher token and a student token of row r both end (0: there is none), and the
+    tokens each side keeps per row: those that start before it (every token of other rows,
+    and of a short row without a common boundary, which the caller drops).
+
+    A zero-length token at the cut is left out: aligned untruncated, it joins the span that
+    starts there. One boolean mark per prefix byte and side, as `align_spans` marks ends.
+    """
+    n_rows = len(covered)
+    t_rows, s_rows = rows_of(t_off), rows_of(s_off)
+    t_count, s_count = np.diff(t_off), np.diff(s_off)
+    cut_at = np.where(short, 0, covered)
+    sel = np.flatnonzero(short)
+    if sel.size == 0:
+        return t_count, s_count, cut_at
+    slot = np.full(n_rows, -1, dtype=np.int64)
+    slot[sel] = np.arange(sel.size)
+    base = np.zeros(sel.size + 1, dtype=np.int64)  # row sel[i]'s bytes 0..covered: base[i] + x
+    np.cumsum(covered[sel] + 1, out=base[1:])
+
+    def ends(lengths: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        cum = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        return cum[1:] - cum[offsets[rows]]  # local end of each token
+
+    t_end, s_end = ends(t_len, t_off, t_rows), ends(s_len, s_off, s_rows)
+    marks = np.zeros((2, int(base[-1])), dtype=bool)
+    for side, end, rows in ((0, t_end, t_rows), (1, s_end, s_rows)):
+        at = short[rows] & (end <= covered[rows])
+        marks[side, base[slot[rows[at]]] + end[at]] = True
+    common = marks[0] & marks[1]
+    common[base[:-1]] = False  # offset 0: no span ends there
+    hit = np.flatnonzero(common)
+    owner = np.searchsorted(base, hit, side="right") - 1
+    last = np.zeros(sel.size, dtype=np.int64)
+    np.maximum.at(last, owner, hit - base[owner])
+    cut_at[sel] = last
+    cut = short & (cut_at > 0)  # a row without a common boundary keeps all (it is dropped)
+    for count, length, end, rows in (
+        (t_count, t_len, t_end, t_rows),
+        (s_count, s_len, s_end, s_rows),
+    ):
+        before = cut[rows] & (end - length < cut_at[rows])  # the token starts before the cut
+        count[cut] = np.bincount(rows[before], minlength=n_rows)[cut]
+    return t_count, s_count, cut_at
 
 
 def _add_specials(

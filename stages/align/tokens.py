@@ -13,10 +13,12 @@ taken from the offsets:
   `add_prefix_space`) is no byte of the text: a token whose bytes start with a space where
   the text at its start has none loses that byte.
 
-Then the concatenated token bytes must equal the text's bytes, compared for all rows at once.
-A row that fails (a normalizer that rewrites text, an unknown token, a decoder this cannot
-invert) is reported by index and never aligned: a silent misalignment would train on the
-wrong targets.
+Then the concatenated token bytes must equal the text's bytes, compared for all rows at once;
+a row the caller flags as a prefix (a truncated row, whose tokens were cut to fit the
+context) passes when they equal the text's first bytes, as many as the tokens hold. A row
+that fails (a normalizer that rewrites text, an unknown token, a decoder this cannot invert)
+is reported by index and never aligned: a silent misalignment would train on the wrong
+targets.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class TokenBytes:
     """Exact byte length of each token of R rows, and which rows reproduce their text."""
 
     lengths: np.ndarray  # int64 [T]
-    ok: np.ndarray  # bool [R]: the row's token bytes equal its text's bytes
+    ok: np.ndarray  # bool [R]: the row's token bytes equal its text's bytes (or first bytes)
+    covered: np.ndarray  # int64 [R]: bytes the row's tokens hold (the sum of its lengths)
 
 
 def exact_token_bytes(
@@ -74,12 +77,16 @@ def exact_token_bytes(
     byte_start: np.ndarray,
     byte_end: np.ndarray,
     texts: list[bytes],
+    prefix: np.ndarray | None = None,
 ) -> TokenBytes:
     """Exact lengths of the tokens ``ids`` (flat, rows delimited by ``row_offsets``).
 
     ``byte_start`` / ``byte_end`` [T] are the offset-derived (character-widened) spans: they
     decide only whether a special token is written in the text and whether a token's leading
-    space is the tokenizer's own. ``texts`` are the rows' UTF-8 bytes.
+    space is the tokenizer's own. ``texts`` are the rows' UTF-8 bytes. A row where ``prefix``
+    (bool [R]) is set is ok when its tokens' bytes are the first ``covered`` bytes of its text,
+    compared byte for byte like a whole text (``covered`` may then end inside a character);
+    every other row must reproduce its whole text.
     """
     ids = np.asarray(ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= table.vocab_size):
@@ -112,8 +119,11 @@ def exact_token_bytes(
     totals = np.zeros(len(counts), dtype=np.int64)
     np.add.at(totals, rows, length)
     ok = totals == text_len
+    if prefix is not None:
+        ok |= np.asarray(prefix, dtype=bool) & (totals < text_len)
     token_data = table.data[ragged_gather(src, length)[0]]
-    # Compare the rows whose totals agree, each against its own text (one gather per side).
+    # Compare the rows whose totals fit, each against its own text's first ``totals`` bytes
+    # (one gather per side).
     cum = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(totals, out=cum[1:])
     same = np.flatnonzero(ok)
@@ -121,7 +131,7 @@ def exact_token_bytes(
     text_pos, _ = ragged_gather(text_start[same], totals[same])
     differs = token_data[token_pos] != flat_text[text_pos]
     ok[np.repeat(same, totals[same])[differs]] = False
-    return TokenBytes(lengths=length, ok=ok)
+    return TokenBytes(lengths=length, ok=ok, covered=totals)
 
 
 @dataclass(frozen=True)
