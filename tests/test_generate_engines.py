@@ -303,3 +303,20 @@ def test_plain_and_unsupported_decoders():
     wordpiece.decoder = decoders.WordPiece()
     with pytest.raises(ValueError, match="WordPiece"):
         token_byte_table(PreTrainedTokenizerFast(tokenizer_object=wordpiece, unk_token="[UNK]"))
+
+
+def test_truncated_generation_prompt_continues_the_text_its_tokens_hold(tokenizer, table):
+    """A prompt longer than max_length keeps its whole text in the prompt shard; the part a
+    completion is appended to is only what its tokens cover (else the generated row's text
+    would hold text the model never saw)."""
+    from stages.prompts import InputOptions, PrepareOptions, prepare_prompts
+    from stages.teacher.generated import prompt_parts
+
+    rows = [{"id": "long", "prompt": "12345+67890=80235 " * 6}, {"id": "short", "prompt": "1+1="}]
+    opts = PrepareOptions(max_length=12, on_too_long="truncate")
+    shard = prepare_prompts(rows, tokenizer, opts, InputOptions(path="p.jsonl")).table
+    assert shard.column("truncated").to_pylist() == [True, False]
+    for part, row in zip(prompt_parts(shard), shard.to_pylist(), strict=True):
+        assert part.ids == row["input_ids"]
+        assert part.text == b"".join(table[t] for t in row["input_ids"])
+    assert prompt_parts(shard)[1].text == b"1+1="

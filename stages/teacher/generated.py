@@ -65,21 +65,28 @@ class PromptPart:
 
 
 def prompt_parts(prompts: pa.Table) -> list[PromptPart]:
-    """Each row's prompt part: the whole row without a completion (or for plain text)."""
+    """Each row's prompt part: the whole row without a completion (or for plain text).
+
+    A row the prompt stage truncated keeps its whole text, but its tokens cover only the
+    first bytes: the part is those bytes (to the last token's end), so a completion is
+    appended to the text the tokens hold, not to text the model never saw.
+    """
     parts = []
-    for row_ids, text, starts, ends, p in zip(  # one iteration per row
+    for row_ids, text, starts, ends, p, truncated in zip(  # one iteration per row
         prompts.column("input_ids").to_pylist(),
         prompts.column("text").to_pylist(),
         prompts.column("byte_start").to_pylist(),
         prompts.column("byte_end").to_pylist(),
         prompts.column("prompt_len").to_pylist(),
+        prompts.column("truncated").to_pylist(),
         strict=True,
     ):
         raw = text.encode("utf-8")
         if 0 < p < len(row_ids):
             parts.append(PromptPart(row_ids[:p], raw[: starts[p]], starts[:p], ends[:p]))
         else:  # a generation prompt (p == n) or plain text (p == 0): continue all of it
-            parts.append(PromptPart(row_ids, raw, starts, ends))
+            end = max(ends, default=0) if truncated else len(raw)
+            parts.append(PromptPart(row_ids, raw[:end], starts, ends))
     return parts
 
 
