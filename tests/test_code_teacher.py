@@ -190,5 +190,9 @@ def test_familiar_prompts_come_from_the_focus_files() -> None:
     for row in rows:
         path = row["id"].rsplit(":L", 1)[0]
         assert path in focused and row["text"] in focused[path]
+    train = dict(corpus.train)
+    for row in code_prompts(20, seed=0, max_chars=800, split="train"):
+        path = row["id"].rsplit(":L", 1)[0]
+        assert path in train and row["text"] in train[path]
     with pytest.raises(ValueError, match="split must be"):
-        code_prompts(1, split="train")
+        code_prompts(1, split="test")
