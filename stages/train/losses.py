@@ -49,8 +49,9 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from stages.train.logit_stats import LogitStats, logit_stats
 
 __all__ = [
     "KINDS",
@@ -298,6 +299,65 @@ def student_sparse(
     return log_q_topk, log_q_rest
 
 
+def _check_sparse(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor) -> None:
+    if student_logits.dim() != 2 or topk_ids.shape != topk_logprobs.shape:
+        raise ValueError(
+            "expected student_logits [N, V] and topk_ids / topk_logprobs of the same [N, k] "
+            f"shape, got {tuple(student_logits.shape)}, {tuple(topk_ids.shape)}, "
+            f"{tuple(topk_logprobs.shape)}"
+        )
+
+
+def _sparse_stats(
+    student_logits: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    temperature: float,
+    tail: str,
+    labels: Tensor | None = None,
+) -> LogitStats:
+    """What :func:`_pair_from_stats` (and, with ``labels``, the hard CE) read from the logits,
+    in one pass over them: the logits at the teacher's real ids, ``logsumexp(z / T)`` and, for
+    "rest", the same over the ids outside the support (see :mod:`stages.train.logit_stats`)."""
+    valid = ~torch.isneginf(topk_logprobs)  # padding; NaN is not padding and propagates
+    return logit_stats(
+        student_logits,
+        labels,
+        ids=torch.where(valid, topk_ids, 0),
+        ids_mask=valid,
+        temperature=temperature,
+        rest=tail == "rest",
+    )
+
+
+def _pair_from_stats(
+    stats: LogitStats, topk_logprobs: Tensor, temperature: float, tail: str
+) -> tuple[Tensor, Tensor]:
+    """(log p, log q) on the common support, [N, k] for renorm, [N, k + 1] for rest.
+
+    The student's side is :func:`student_sparse`'s, from the gathered logits: its
+    ``log_softmax(z / T)[id]`` is ``z[id] / T - logsumexp(z / T)`` and its rest bucket
+    ``logsumexp`` over the ids outside the support minus the same normaliser.
+    """
+    t = temperature
+    valid = ~torch.isneginf(topk_logprobs)
+    gathered = stats.picked / t if t != 1.0 else stats.picked
+    if tail == "renorm":
+        log_q = _masked_log_softmax(gathered, valid)
+        log_p, _ = _teacher_log_target(topk_logprobs, t, tail, dtype=stats.lse.dtype)
+        return log_p, log_q
+    lse_all = stats.lse_t.unsqueeze(-1)
+    log_q = torch.where(valid, gathered - lse_all, _NEG_INF)
+    log_q_rest = stats.lse_rest - stats.lse_t
+    log_p, log_p_rest = _teacher_log_target(
+        topk_logprobs, t, tail, dtype=stats.lse.dtype, tail_exists=log_q_rest > _NEG_INF
+    )
+    return (
+        torch.cat([log_p, log_p_rest.unsqueeze(-1)], dim=-1),
+        torch.cat([log_q, log_q_rest.unsqueeze(-1)], dim=-1),
+    )
+
+
 def _sparse_pair(
     student_logits: Tensor,
     topk_ids: Tensor,
@@ -308,25 +368,25 @@ def _sparse_pair(
     """(log p, log q) on the common support: [N, k] for renorm, [N, k + 1] for rest."""
     t = _check_temperature(temperature)
     _check_tail(tail)
-    if student_logits.dim() != 2 or topk_ids.shape != topk_logprobs.shape:
+    _check_sparse(student_logits, topk_ids, topk_logprobs)
+    stats = _sparse_stats(student_logits, topk_ids, topk_logprobs, t, tail)
+    return _pair_from_stats(stats, topk_logprobs, t, tail)
+
+
+def _ce_rows(stats: LogitStats, labels: Tensor) -> Tensor:
+    """Per-position cross-entropy ``logsumexp(z) - z[label]``; 0 where the label is -100."""
+    return torch.where(labels != -100, stats.lse - stats.label_logit, 0.0)
+
+
+def _check_labels(labels: Tensor, n: int, v: int) -> None:
+    _check_positions("labels", labels, n)
+    if labels.dtype != torch.int64:
+        raise ValueError(f"labels must be int64 token ids, got {labels.dtype}")
+    bad = ((labels < 0) & (labels != -100)) | (labels >= v)
+    if bad.any():
         raise ValueError(
-            "expected student_logits [N, V] and topk_ids / topk_logprobs of the same [N, k] "
-            f"shape, got {tuple(student_logits.shape)}, {tuple(topk_ids.shape)}, "
-            f"{tuple(topk_logprobs.shape)}"
+            f"{int(bad.sum())} of {n} labels are outside [0, {v}) (and not -100, the ignored label)"
         )
-    dtype = _compute_dtype(student_logits)
-    valid = ~torch.isneginf(topk_logprobs)  # padding; NaN is not padding and propagates
-    log_q, log_q_rest = student_sparse(student_logits, topk_ids, t, tail, support_mask=valid)
-    tail_exists = log_q_rest > _NEG_INF if tail == "rest" else None
-    log_p, log_p_rest = _teacher_log_target(
-        topk_logprobs, t, tail, dtype=dtype, tail_exists=tail_exists
-    )
-    if tail == "renorm":
-        return log_p, log_q
-    return (
-        torch.cat([log_p, log_p_rest.unsqueeze(-1)], dim=-1),
-        torch.cat([log_q, log_q_rest.unsqueeze(-1)], dim=-1),
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,14 +394,28 @@ def _sparse_pair(
 # --------------------------------------------------------------------------------------------
 
 
+def _soft_rows(kind: str, log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    """Per-position divergence of the top-k losses (before T² and the mean)."""
+    if kind == "forward_kl":
+        return _kl_rows(log_p, log_q)
+    if kind == "reverse_kl":
+        return _kl_rows(log_q, log_p)
+    return _gjsd_rows(log_p, log_q, beta)
+
+
 def hard_ce(student_logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
     """Cross-entropy of the student against the hard labels, at temperature 1.
 
     Weighted mean over positions. Positions are expected to be pre-selected by the caller; a
     label of -100 (torch's ignore_index) contributes 0 but still counts in the denominator.
+    ``logsumexp(z) - z[label]``, computed by :func:`~stages.train.logit_stats.logit_stats`: no
+    [N, V] log-softmax is built (``F.cross_entropy`` would keep one for its backward).
     """
-    per_row = F.cross_entropy(_as_compute(student_logits), labels, reduction="none")
-    return _weighted_mean(per_row, weights)
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
+    _check_labels(labels, *student_logits.shape)
+    stats = logit_stats(student_logits, labels)
+    return _weighted_mean(_ce_rows(stats, labels), weights)
 
 
 def forward_kl(
@@ -359,7 +433,7 @@ def forward_kl(
     distributions are renormalised over the top-k (see module docstring for the bias).
     """
     log_p, log_q = _sparse_pair(student_logits, topk_ids, topk_logprobs, temperature, tail)
-    per_row = _kl_rows(log_p, log_q) * (float(temperature) ** 2)
+    per_row = _soft_rows("forward_kl", log_p, log_q, 0.5) * (float(temperature) ** 2)
     return _weighted_mean(per_row, weights)
 
 
@@ -380,7 +454,7 @@ def reverse_kl(
     ``_kl_rows``) so the loss stays finite.
     """
     log_p, log_q = _sparse_pair(student_logits, topk_ids, topk_logprobs, temperature, tail)
-    per_row = _kl_rows(log_q, log_p) * (float(temperature) ** 2)
+    per_row = _soft_rows("reverse_kl", log_p, log_q, 0.5) * (float(temperature) ** 2)
     return _weighted_mean(per_row, weights)
 
 
@@ -410,7 +484,7 @@ def generalized_jsd(
     """
     b = _check_unit("beta", beta)
     log_p, log_q = _sparse_pair(student_logits, topk_ids, topk_logprobs, temperature, tail)
-    per_row = _gjsd_rows(log_p, log_q, b) * (float(temperature) ** 2)
+    per_row = _soft_rows("jsd", log_p, log_q, b) * (float(temperature) ** 2)
     return _weighted_mean(per_row, weights)
 
 
@@ -461,6 +535,18 @@ def sampled_reverse_kl(
     Shapes: ``student_logits`` [N, V], ``labels`` int64 [N] in ``[0, V)``,
     ``teacher_logprob`` / ``behavior_logprob`` / ``weights`` [N]. Weighted mean over positions.
     """
+    lp_t = _check_sampled(student_logits, labels, teacher_logprob, behavior_logprob)
+    stats = logit_stats(student_logits, labels)
+    return _sampled_rkl(stats.label_logit - stats.lse, lp_t, behavior_logprob, weights)
+
+
+def _check_sampled(
+    student_logits: Tensor,
+    labels: Tensor,
+    teacher_logprob: Tensor,
+    behavior_logprob: Tensor | None,
+) -> Tensor:
+    """The teacher's logprobs in the compute dtype, after :func:`sampled_reverse_kl`'s checks."""
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
     n, v = student_logits.shape
@@ -485,10 +571,14 @@ def sampled_reverse_kl(
             "stores NaN at each row's last position (it has no next token), so such a position "
             "slipped into the training selection"
         )
+    return lp_t
 
-    z = _as_compute(student_logits)
-    # log q(y) as gathered logit - logsumexp: no [N, V] log-softmax buffer is kept for backward.
-    lp = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+def _sampled_rkl(
+    lp: Tensor, lp_t: Tensor, behavior_logprob: Tensor | None, weights: Tensor | None
+) -> Tensor:
+    """:func:`sampled_reverse_kl` from the student's ``lp = log q(y)`` (checked inputs)."""
+    dtype = lp.dtype
     d = (lp - lp_t).detach()
     lp_behavior = lp.detach()  # unknown behaviour policy: on-policy, r = 1
     if behavior_logprob is not None:
@@ -550,22 +640,24 @@ def distill_loss(
     elif topk_ids is None or topk_logprobs is None:
         raise ValueError(f"kind {kind!r} needs topk_ids and topk_logprobs")
 
-    def soft_fn() -> Tensor:
-        if kind == "sampled_rkl":
-            return sampled_reverse_kl(
-                student_logits,
-                labels,
-                next_logprob,
-                behavior_logprob=policy_logprob,
-                weights=weights,
-            )
-        kwargs = {"temperature": t, "tail": tail, "weights": weights}
-        if kind == "jsd":
-            return generalized_jsd(student_logits, topk_ids, topk_logprobs, beta=b, **kwargs)
-        fn: Callable[..., Tensor] = forward_kl if kind == "forward_kl" else reverse_kl
-        return fn(student_logits, topk_ids, topk_logprobs, **kwargs)
+    # One pass over the [N, V] logits serves both terms (see stages.train.logit_stats).
+    if kind == "sampled_rkl":
+        lp_t = _check_sampled(student_logits, labels, next_logprob, policy_logprob)
+        stats = logit_stats(student_logits, labels)
 
-    return mix_with_ce(soft_fn, lambda: hard_ce(student_logits, labels, weights), a)
+        def soft_fn() -> Tensor:
+            return _sampled_rkl(stats.label_logit - stats.lse, lp_t, policy_logprob, weights)
+
+    else:
+        _check_sparse(student_logits, topk_ids, topk_logprobs)
+        _check_labels(labels, *student_logits.shape)
+        stats = _sparse_stats(student_logits, topk_ids, topk_logprobs, t, tail, labels)
+
+        def soft_fn() -> Tensor:
+            log_p, log_q = _pair_from_stats(stats, topk_logprobs, t, tail)
+            return _weighted_mean(_soft_rows(kind, log_p, log_q, b) * t**2, weights)
+
+    return mix_with_ce(soft_fn, lambda: _weighted_mean(_ce_rows(stats, labels), weights), a)
 
 
 def mix_with_ce(

@@ -3,9 +3,10 @@
 Checkpoints, logging, gradient accumulation, resume and accelerate/FSDP/DeepSpeed come from
 `Trainer`; this module only adds what distillation needs: batches that are already collated
 (the loader yields whole batches, see `stages.train.loader`), a loss computed on the trained
-positions only (`logits[loss_mask]`, so the vocabulary-sized tensor is never built for padding
-or prompt positions), and progress lines a person can read. The embedded teacher's build and
-the student stage both train through `train_model`.
+positions only (the output layer itself runs on ``hidden[loss_mask]``, see `logits_at`, so the
+vocabulary-sized tensor is never built for padding or prompt positions), and progress lines a
+person can read. The embedded teacher's build and the student stage both train through
+`train_model`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,56 @@ from stages.train.xtok_losses import xtok_loss
 
 Log = Callable[[str], None]
 SUMMARY_FILE = "train_summary.json"
+
+
+class _Selection:
+    """Whether the output layer already ran on the selected positions only."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self.applied = False
+
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        """The [N, V] logits of the selected positions, in row-major order."""
+        if self.applied:
+            return logits.reshape(-1, logits.shape[-1])
+        return logits[self.mask]
+
+
+@contextmanager
+def logits_at(model: torch.nn.Module, mask: torch.Tensor) -> Iterator[_Selection]:
+    """Run ``model``'s output layer on the hidden states at ``mask`` [B, L] only.
+
+    A causal LM's last step is ``lm_head(hidden [B, L, H])``, the largest matmul and the
+    largest tensor of a student step at a large vocabulary ([B, L, V], padding and prompt
+    positions included, then copied again by ``logits[mask]``). Within this context a forward
+    pre-hook on ``model.get_output_embeddings()`` hands the head ``hidden[mask]`` as
+    [1, N, H] instead, so the model returns [1, N, V] logits of the trained positions, and
+    whatever the model does to its logits after the head (soft-capping, scaling) still
+    applies. ``select(out.logits)`` gives the [N, V] logits either way: where the model has no
+    output layer to hook, or its input is not [B, L, H], the model runs unchanged and
+    ``select`` falls back to ``logits[mask]``.
+    """
+    selection = _Selection(mask)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield selection
+        return
+
+    def pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        hidden = args[0] if args else None
+        if selection.applied or not isinstance(hidden, torch.Tensor):
+            return None
+        if hidden.dim() != 3 or hidden.shape[:2] != mask.shape:
+            return None
+        selection.applied = True
+        return (hidden[mask].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield selection
+    finally:
+        handle.remove()
 
 
 class DistillTrainer(Trainer):
@@ -70,13 +122,15 @@ class DistillTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ):
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         mask = inputs["loss_mask"]
-        # Only trained positions reach the vocabulary-wide loss: logits[mask] is [N, V].
+        # Only trained positions reach the output layer and the vocabulary-wide loss.
+        with logits_at(self.accelerator.unwrap_model(model), mask) as at:
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        logits = at.select(out.logits)
         if "span_start" in inputs:
-            loss, parts = self._span_loss(out.logits[mask], inputs, mask)
+            loss, parts = self._span_loss(logits, inputs, mask)
         else:
-            loss, parts = self._token_loss(out.logits[mask], inputs, mask)
+            loss, parts = self._token_loss(logits, inputs, mask)
         if self.loss_options.kind == "ce":
             parts = {}  # the loss is the CE: nothing more to report
         for key, value in parts.items():

@@ -51,8 +51,10 @@ import math
 import torch
 from torch import Tensor
 
+from stages.train.logit_stats import logit_stats
 from stages.train.losses import (
     _as_compute,
+    _ce_rows,
     _check_positions,
     _check_temperature,
     _check_unit,
@@ -77,6 +79,30 @@ _NEG_INF = float("-inf")
 # --------------------------------------------------------------------------------------------
 
 
+def _check_teacher_targets(
+    teacher_topk_logprobs: Tensor,
+    teacher_chain: Tensor,
+    s: int,
+    teacher_topk_ids: Tensor | None = None,
+) -> int:
+    """k, or a ValueError naming the teacher tensor whose shape does not fit S spans."""
+    if teacher_topk_logprobs.dim() != 2 or teacher_topk_logprobs.shape[0] != s:
+        raise ValueError(
+            f"teacher_topk_logprobs must be [S, k] with S = {s} spans, "
+            f"got {tuple(teacher_topk_logprobs.shape)}"
+        )
+    if teacher_topk_ids is not None and teacher_topk_ids.shape != teacher_topk_logprobs.shape:
+        raise ValueError(
+            "teacher_topk_ids and teacher_topk_logprobs must have the same [S, k] shape, got "
+            f"{tuple(teacher_topk_ids.shape)} and {tuple(teacher_topk_logprobs.shape)}"
+        )
+    if teacher_chain.shape != (s,):
+        raise ValueError(
+            f"teacher_chain must have shape ({s},) (one per span), got {tuple(teacher_chain.shape)}"
+        )
+    return teacher_topk_logprobs.shape[1]
+
+
 def _check_span_targets(
     teacher_topk_logprobs: Tensor,
     teacher_chain: Tensor,
@@ -88,20 +114,12 @@ def _check_span_targets(
     if log_q_first.dim() != 2:
         raise ValueError(f"log_q_first must be [S, V], got {tuple(log_q_first.shape)}")
     s, v = log_q_first.shape
-    if teacher_topk_logprobs.dim() != 2 or teacher_topk_logprobs.shape[0] != s:
+    k = _check_teacher_targets(teacher_topk_logprobs, teacher_chain, s, teacher_topk_ids)
+    if student_chain.shape != (s,):
         raise ValueError(
-            f"teacher_topk_logprobs must be [S, k] with S = {s} spans, "
-            f"got {tuple(teacher_topk_logprobs.shape)}"
+            f"student_chain must have shape ({s},) (one per span), got {tuple(student_chain.shape)}"
         )
-    if teacher_topk_ids is not None and teacher_topk_ids.shape != teacher_topk_logprobs.shape:
-        raise ValueError(
-            "teacher_topk_ids and teacher_topk_logprobs must have the same [S, k] shape, got "
-            f"{tuple(teacher_topk_ids.shape)} and {tuple(teacher_topk_logprobs.shape)}"
-        )
-    for name, x in (("teacher_chain", teacher_chain), ("student_chain", student_chain)):
-        if x.shape != (s,):
-            raise ValueError(f"{name} must have shape ({s},) (one per span), got {tuple(x.shape)}")
-    return s, teacher_topk_logprobs.shape[1], v
+    return s, k, v
 
 
 def _topk_values(log_q: Tensor, k: int) -> Tensor:
@@ -144,36 +162,10 @@ def _check_weight(name: str, value: float) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def span_distributions(
-    student_logits: Tensor,
-    labels: Tensor,
-    span_start: Tensor,
-    span_index: Tensor,
-    num_spans: int,
-    temperature: float = 1.0,
-) -> tuple[Tensor, Tensor]:
-    """The student's merged span distribution, as first-position log-probs plus a chain.
-
-    ``student_logits`` [N, V] are the logits at the N trained student positions; position i
-    predicts ``labels[i]``. ``span_start`` bool [N] marks the position that predicts the first
-    student token of its span, ``span_index`` int64 [N] in ``[0, num_spans)`` the span each
-    position belongs to. Every span has exactly one start position and may have more positions
-    (its other student tokens); positions need not be ordered.
-
-    Returns ``(log_q_first [S, V], student_chain [S])``:
-
-    * ``log_q_first[s]`` = ``log_softmax(logits / T)`` at span s's start position, the
-      distribution compared with the teacher's (ordered by span index, not by position);
-    * ``student_chain[s]`` = the sum over span s's NON-start positions of
-      ``log_softmax(logits)[label]`` at T = 1 (0 for a one-token span): the log-probability
-      of the span's actual continuation, the student's counterpart of ``teacher_chain``.
-
-    Differentiable w.r.t. ``student_logits``: a start row only receives gradient through
-    ``log_q_first``, every other row only through ``student_chain``. Rows are gathered and the
-    chain is summed with one ``index_add``, never a loop over spans or positions. The labels at
-    start positions are not read here (the hard CE reads them); the others must be real ids.
-    """
-    t = _check_temperature(temperature)
+def _check_spans(
+    student_logits: Tensor, labels: Tensor, span_start: Tensor, span_index: Tensor, num_spans: int
+) -> tuple[int, int, int]:
+    """(N, V, S) after checking the span layout (see :func:`span_distributions`)."""
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
     n, v = student_logits.shape
@@ -208,12 +200,51 @@ def span_distributions(
             f"labels at non-start positions must be token ids in [0, {v}): they are the "
             "span's continuation, whose log-probability forms the student's chain"
         )
+    return n, v, s
+
+
+def _start_positions(span_start: Tensor, span_index: Tensor, num_spans: int) -> Tensor:
+    """int64 [S]: the position of each span's start, in span order."""
+    positions = torch.arange(span_start.shape[0], device=span_start.device)
+    start_pos = torch.zeros(num_spans, dtype=torch.int64, device=span_start.device)
+    start_pos.index_copy_(0, span_index[span_start], positions[span_start])
+    return start_pos
+
+
+def span_distributions(
+    student_logits: Tensor,
+    labels: Tensor,
+    span_start: Tensor,
+    span_index: Tensor,
+    num_spans: int,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """The student's merged span distribution, as first-position log-probs plus a chain.
+
+    ``student_logits`` [N, V] are the logits at the N trained student positions; position i
+    predicts ``labels[i]``. ``span_start`` bool [N] marks the position that predicts the first
+    student token of its span, ``span_index`` int64 [N] in ``[0, num_spans)`` the span each
+    position belongs to. Every span has exactly one start position and may have more positions
+    (its other student tokens); positions need not be ordered.
+
+    Returns ``(log_q_first [S, V], student_chain [S])``:
+
+    * ``log_q_first[s]`` = ``log_softmax(logits / T)`` at span s's start position, the
+      distribution compared with the teacher's (ordered by span index, not by position);
+    * ``student_chain[s]`` = the sum over span s's NON-start positions of
+      ``log_softmax(logits)[label]`` at T = 1 (0 for a one-token span): the log-probability
+      of the span's actual continuation, the student's counterpart of ``teacher_chain``.
+
+    Differentiable w.r.t. ``student_logits``: a start row only receives gradient through
+    ``log_q_first``, every other row only through ``student_chain``. Rows are gathered and the
+    chain is summed with one ``index_add``, never a loop over spans or positions. The labels at
+    start positions are not read here (the hard CE reads them); the others must be real ids.
+    """
+    t = _check_temperature(temperature)
+    n, _, s = _check_spans(student_logits, labels, span_start, span_index, num_spans)
 
     z = _as_compute(student_logits)
-    positions = torch.arange(n, device=z.device)
-    start_pos = torch.zeros(s, dtype=torch.int64, device=z.device)
-    start_pos.index_copy_(0, span_index[span_start], positions[span_start])
-    first = z[start_pos]
+    first = z[_start_positions(span_start, span_index, s)]
     log_q_first = torch.log_softmax(first / t if t != 1.0 else first, dim=-1)
 
     if s == n:  # every position starts its span: no continuation anywhere
@@ -270,12 +301,25 @@ def uld_loss(
     """
     t = _check_temperature(temperature)
     _, k, _ = _check_span_targets(teacher_topk_logprobs, teacher_chain, log_q_first, student_chain)
-    dtype = _compute_dtype(log_q_first)
-    log_q_first = log_q_first.to(dtype)
+    log_q_top = _topk_values(log_q_first.to(_compute_dtype(log_q_first)), k)
+    return _uld_from_top(teacher_topk_logprobs, teacher_chain, log_q_top, student_chain, t, weights)
+
+
+def _uld_from_top(
+    teacher_topk_logprobs: Tensor,
+    teacher_chain: Tensor,
+    log_q_top: Tensor,
+    student_chain: Tensor,
+    t: float,
+    weights: Tensor | None,
+) -> Tensor:
+    """:func:`uld_loss` from the student's k largest first-position log-probs [S, k]
+    (descending, ``-inf`` past the vocabulary), in their dtype."""
+    dtype = log_q_top.dtype
     log_p, _ = _teacher_log_target(teacher_topk_logprobs, t, "rest", dtype=dtype)
     p = torch.exp(log_p + teacher_chain.to(dtype).unsqueeze(-1))
     p = p.sort(dim=-1, descending=True).values
-    q = torch.exp(_topk_values(log_q_first, k) + student_chain.to(dtype).unsqueeze(-1))
+    q = torch.exp(log_q_top + student_chain.to(dtype).unsqueeze(-1))
     per_row = (p - q).abs().sum(dim=-1) + (p.sum(dim=-1) - q.sum(dim=-1)).abs()
     return _weighted_mean(per_row * t**2, weights)
 
@@ -328,6 +372,42 @@ def hybrid_loss(
     (the weighted means of jsd and l1_u, times T², before w_m / w_u) and "mapped_mass" (the
     weighted mean of the teacher's mapped share).
     """
+    t, b, w_fixed_m, w_fixed_u = _hybrid_options(
+        temperature, beta, matched_weight, unmatched_weight
+    )
+    _, k, v = _check_span_targets(
+        teacher_topk_logprobs, teacher_chain, log_q_first, student_chain, teacher_topk_ids
+    )
+    sid, matched, unmatched = _map_teacher_ids(
+        teacher_topk_ids, teacher_topk_logprobs, vocab_map, student_mapped, v
+    )
+    dtype = _compute_dtype(log_q_first)
+    log_q_first = log_q_first.to(dtype)
+    log_qm, log_q_out = student_sparse(
+        log_q_first, torch.where(matched, sid, 0), 1.0, "rest", support_mask=matched
+    )
+    log_q_u = _topk_values(log_q_first.masked_fill(student_mapped, _NEG_INF), k)
+    return _hybrid_from_student(
+        teacher_topk_logprobs,
+        teacher_chain,
+        matched,
+        unmatched,
+        vocab_map.shape[0],
+        log_qm,
+        log_q_out,
+        log_q_u,
+        student_chain,
+        b,
+        t,
+        w_fixed_m,
+        w_fixed_u,
+        weights,
+    )
+
+
+def _hybrid_options(
+    temperature: float, beta: float, matched_weight: float | None, unmatched_weight: float | None
+) -> tuple[float, float, float | None, float | None]:
     t = _check_temperature(temperature)
     b = _check_unit("beta", beta)
     w_fixed_m = None if matched_weight is None else _check_weight("matched_weight", matched_weight)
@@ -339,9 +419,18 @@ def hybrid_loss(
             f"matched_weight {matched_weight!r} > 1 needs an explicit unmatched_weight "
             "(the default 1 - matched_weight would be negative)"
         )
-    _, k, v = _check_span_targets(
-        teacher_topk_logprobs, teacher_chain, log_q_first, student_chain, teacher_topk_ids
-    )
+    return t, b, w_fixed_m, w_fixed_u
+
+
+def _map_teacher_ids(
+    teacher_topk_ids: Tensor,
+    teacher_topk_logprobs: Tensor,
+    vocab_map: Tensor,
+    student_mapped: Tensor,
+    v: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(student id of each stored teacher entry [S, k], matched, unmatched) after checking the
+    map; -1 where an entry has no student token, matched / unmatched only on real entries."""
     if vocab_map.dim() != 1 or vocab_map.dtype != torch.int64:
         raise ValueError(
             f"vocab_map must be int64 [V_teacher], got {vocab_map.dtype} {tuple(vocab_map.shape)}"
@@ -360,14 +449,34 @@ def hybrid_loss(
         raise ValueError(f"teacher_topk_ids of real entries must lie in [0, {v_t}) (vocab_map)")
     if bad_map:
         raise ValueError(f"vocab_map points past the student's {v} logits")
+    sid = vocab_map[torch.where(valid, teacher_topk_ids, 0)]
+    return sid, valid & (sid >= 0), valid & (sid < 0)
 
-    dtype = _compute_dtype(log_q_first)
-    log_q_first = log_q_first.to(dtype)
+
+def _hybrid_from_student(
+    teacher_topk_logprobs: Tensor,
+    teacher_chain: Tensor,
+    matched: Tensor,
+    unmatched: Tensor,
+    v_t: int,
+    log_qm: Tensor,
+    log_q_out: Tensor,
+    log_q_u: Tensor,
+    student_chain: Tensor,
+    b: float,
+    t: float,
+    w_fixed_m: float | None,
+    w_fixed_u: float | None,
+    weights: Tensor | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`hybrid_loss` from the student's first-position log-probs it reads (in their
+    dtype): ``log_qm`` [S, k] at the matched entries' student ids (-inf elsewhere),
+    ``log_q_out`` [S] of everything outside them, ``log_q_u`` [S, k] the k largest among
+    unmapped ids (descending, -inf past the last one)."""
+    dtype = log_qm.dtype
     c_t = teacher_chain.to(dtype)
     c_s = student_chain.to(dtype)
-    sid = vocab_map[torch.where(valid, teacher_topk_ids, 0)]
-    matched = valid & (sid >= 0)
-    unmatched = valid & (sid < 0)
+    valid = matched | unmatched
 
     tail_exists = valid.sum(dim=-1) < v_t
     log_p, log_rest = _teacher_log_target(
@@ -381,9 +490,6 @@ def hybrid_loss(
     log_p_out = torch.logsumexp(
         torch.cat([torch.where(unmatched, log_p, _NEG_INF), log_rest.unsqueeze(-1)], dim=-1), -1
     )
-    log_qm, log_q_out = student_sparse(
-        log_q_first, torch.where(matched, sid, 0), 1.0, "rest", support_mask=matched
-    )
     log_qm = log_qm + c_s.unsqueeze(-1)
     jsd = _gjsd_rows(
         torch.cat([log_pm, _log_merged_rest(c_t, log_p_out).unsqueeze(-1)], dim=-1),
@@ -394,8 +500,7 @@ def hybrid_loss(
     # unmatched: ULD between the sorted unmapped parts (no rest term: the matched JSD's rest
     # bucket already accounts for the mass outside M).
     p_u = torch.where(unmatched, log_p_merged.exp(), 0.0).sort(dim=-1, descending=True).values
-    log_q_unmapped = log_q_first.masked_fill(student_mapped, _NEG_INF)
-    q_u = torch.exp(_topk_values(log_q_unmapped, k) + c_s.unsqueeze(-1))
+    q_u = torch.exp(log_q_u + c_s.unsqueeze(-1))
     l1_u = (p_u - q_u).abs().sum(dim=-1)
 
     with torch.no_grad():
@@ -483,31 +588,67 @@ def xtok_loss(
             "student vocabulary map); kind 'uld' works without one"
         )
 
+    # One pass over the [N, V] logits gathers everything both terms read (see logit_stats);
+    # the checks are span_distributions' and hybrid_loss's, the values theirs composed.
+    n, v, s = _check_spans(student_logits, labels, span_start, span_index, num_spans)
+    k = _check_teacher_targets(
+        teacher_topk_logprobs,
+        teacher_chain,
+        s,
+        teacher_topk_ids if kind == "hybrid" else None,
+    )
+    if kind == "hybrid":
+        t, b, w_fixed_m, w_fixed_u = _hybrid_options(t, b, matched_weight, unmatched_weight)
+        sid, matched, unmatched = _map_teacher_ids(
+            teacher_topk_ids, teacher_topk_logprobs, vocab_map, student_mapped, v
+        )
+    start_pos = _start_positions(span_start, span_index, s)
+    stats = logit_stats(
+        student_logits,
+        labels,
+        rows=start_pos,
+        ids=torch.where(matched, sid, 0) if kind == "hybrid" else None,
+        ids_mask=matched if kind == "hybrid" else None,
+        temperature=t,
+        rest=kind == "hybrid",
+        top_k=k,
+        top_allowed=~student_mapped if kind == "hybrid" else None,
+    )
     parts: dict[str, float] = {}
 
+    def first(x: Tensor) -> Tensor:
+        """log_softmax(z / T) at the span starts, from raw logits gathered there."""
+        return (x / t if t != 1.0 else x) - stats.lse_t.unsqueeze(-1)
+
     def soft_fn() -> Tensor:
-        log_q_first, student_chain = span_distributions(
-            student_logits, labels, span_start, span_index, num_spans, t
-        )
+        # the chain: log q(label) at the non-start positions, summed per span
+        if s == n:
+            student_chain = stats.lse.new_zeros(s)
+        else:
+            lp = torch.where(span_start, 0.0, stats.label_logit - stats.lse)
+            student_chain = stats.lse.new_zeros(s).index_add(0, span_index, lp)
         if kind == "uld":
-            return uld_loss(
-                teacher_topk_logprobs, teacher_chain, log_q_first, student_chain, temperature=t
+            return _uld_from_top(
+                teacher_topk_logprobs, teacher_chain, first(stats.top), student_chain, t, None
             )
-        loss, extra = hybrid_loss(
-            teacher_topk_ids,
+        loss, extra = _hybrid_from_student(
             teacher_topk_logprobs,
             teacher_chain,
-            log_q_first,
+            matched,
+            unmatched,
+            vocab_map.shape[0],
+            torch.where(matched, first(stats.picked), _NEG_INF),
+            stats.lse_rest - stats.lse_t,
+            first(stats.top),
             student_chain,
-            vocab_map,
-            student_mapped,
-            beta=b,
-            matched_weight=matched_weight,
-            unmatched_weight=unmatched_weight,
-            temperature=t,
+            b,
+            t,
+            w_fixed_m,
+            w_fixed_u,
+            None,
         )
         parts.update({name: float(value) for name, value in extra.items()})
         return loss
 
-    loss, mixed = mix_with_ce(soft_fn, lambda: hard_ce(student_logits, labels), a)
+    loss, mixed = mix_with_ce(soft_fn, lambda: _weighted_mean(_ce_rows(stats, labels), None), a)
     return loss, mixed | parts
