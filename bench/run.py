@@ -26,12 +26,14 @@ SmolLM2-135M-Instruct over standard-library text with a length mix, the floor's 
 forward and vocabulary work, vLLM prefill without logprobs, the codec table on its exact
 output, and generate-teacher on held-out chat prompts (tokens/s, share ending in EOS).
 
+Plus the student step at a 151,936-token vocabulary (bench/student_step.py): forward, loss,
+backward and optimizer time per loss kind, the fused path against the previous one.
+
 Plus cross-tokenizer alignment: vectorised `align_spans` against its per-token reference on
 the same rows, and `Aligner.align` end to end (bench/align.py; a few seconds, no teacher).
 
-    python -m bench.run [--suite tiny|llama45m|smollm2|loader|align|plan|codecs|all] [--rows N]
-                        [--seq-len N]
-                        [--k 64] [--slow]
+    python -m bench.run [--suite tiny|llama45m|smollm2|student|loader|align|plan|codecs|all]
+                        [--rows N] [--seq-len N] [--k 64] [--slow]
 """
 
 from __future__ import annotations
@@ -392,7 +394,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--suite",
-        choices=["tiny", "llama45m", "smollm2", "loader", "align", "plan", "codecs", "all"],
+        choices=[
+            "tiny",
+            "llama45m",
+            "smollm2",
+            "student",
+            "loader",
+            "align",
+            "plan",
+            "codecs",
+            "all",
+        ],
         default="all",
     )
     parser.add_argument("--k", type=int, default=64)
@@ -404,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     # The in-process engines (floor, vLLM alone) get the cores a single pipeline worker gets.
     bind_engine_cpus(engine_cpus(AUTO, None, None, allowed_cpus()))
 
-    teacher = _teacher_dir() if args.suite not in ("align", "codecs", "smollm2") else None
+    no_teacher = ("align", "codecs", "smollm2", "student")
+    teacher = _teacher_dir() if args.suite not in no_teacher else None
     suites = []
     if args.suite in ("tiny", "loader", "all"):
         suites.append(
@@ -421,9 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         suites.append(Suite(f"llama45m-{dtype}", model, data, dtype, args.seq_len + 8, 16))
 
     results = [
-        measure_suite(s, args.k).result
-        for s in suites
-        if args.suite not in ("loader", "plan", "codecs", "smollm2")
+        measure_suite(s, args.k).result for s in suites if args.suite in ("tiny", "llama45m", "all")
     ]
     report = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -435,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
         from bench.smollm2 import bench_smollm2
 
         smollm2 = report["smollm2"] = bench_smollm2(k=args.k)
+    student = None
+    if args.suite in ("student", "all"):
+        from bench.student_step import bench_student_step
+
+        print("== student step at a 151,936-token vocabulary (old path vs new)", flush=True)
+        student = report["student_step"] = bench_student_step()
     loader = None
     if args.suite in ("loader", "all"):
         from bench.loader import bench_loader
@@ -471,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.smollm2 import render as render_smollm2
 
         print(render_smollm2(smollm2))
+    if student is not None:
+        from bench.student_step import render as render_student
+
+        print(render_student(student))
     if loader is not None:
         from bench.loader import render
 
