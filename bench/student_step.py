@@ -271,6 +271,7 @@ def synthetic_aligned_rows(
         topk_logprobs=lps.astype(np.float32),
         chain=np.where(span_trained, chain, 0.0).astype(np.float32),
         teacher_tokens=teacher_tokens,
+        cut_teacher_tokens=np.full(rows, -1, np.int64),  # every row aligned whole
     )
 
 
