@@ -26,7 +26,7 @@ from stages.teacher.engine import LOGPROBS_MODE
 from stages.teacher.stage import TeacherShardTask, run_teacher_shard
 from storage.card import write_dataset_card
 from storage.layout import ShardSetLayout
-from storage.manifest import DoneRecord, Plan, read_done, read_plan, verify_shard
+from storage.manifest import DoneRecord, Plan, read_done, read_plan, remove_done, verify_shard
 from storage.reader import ShardSet
 
 Log = Callable[[str], None]
@@ -224,6 +224,10 @@ def run_cache_teacher(
 
         records: dict[int, DoneRecord] = {}
         if todo:
+            # A shard without a record does not exist: a stale record of a shard being redone
+            # would pass for an earlier attempt's (`stages.shard_task.finished_earlier`).
+            for index in todo:
+                remove_done(layout, index)
             records = _run_tasks(cfg, plan, todo, outcome.tokenizer_fingerprint, connect(), log)
         else:
             log("every shard is already done; nothing to run")

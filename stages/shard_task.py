@@ -2,9 +2,12 @@
 
 A shard task is a pure function of its shard: it reads the prompt shard the plan froze
 (checking its sha256), computes a table, writes it atomically and only then its completion
-record. A retried or resumed task rewrites the same file; a shard without a record does not
-exist. The teacher stage (scoring, generate-teacher) and the rollout stage differ only in the
-middle step.
+record. A shard without a record does not exist: the driver removes the records of the
+shards it submits, so a record of the task's own plan that a task finds when it starts was
+written by an earlier attempt of that same task (its worker was lost before the driver
+collected the result, and the scheduler recomputed it); the task returns that record instead of
+redoing the shard. The teacher stage (scoring, generate-teacher) and the rollout stage differ
+only in the middle step.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from storage.layout import ShardSetLayout
-from storage.manifest import DoneRecord, write_done
+from storage.manifest import DoneRecord, read_done, write_done
 from storage.schema import ShardSetMetadata
 from storage.writer import write_parquet_atomic
 
@@ -77,6 +80,22 @@ def read_prompt_shard(task: ShardTask) -> pa.Table:
                 "removed; rerun the same command to rebuild it"
             )
     return pq.read_table(pa.BufferReader(data))
+
+
+def finished_earlier(task: ShardTask) -> DoneRecord | None:
+    """The record an earlier attempt of this task wrote, if its shard is on storage whole.
+
+    Size only, like the driver's own check: the reader hashes every shard it reads.
+    """
+    layout = ShardSetLayout.from_url(task.output_url)
+    record = read_done(layout, task.index)
+    if record is None or record.plan_fingerprint != task.plan_fingerprint:
+        return None
+    path = layout.data_path(task.index, task.num_shards)
+    try:
+        return record if layout.fs.size(path) == record.bytes else None
+    except FileNotFoundError:
+        return None
 
 
 def write_shard(

@@ -391,6 +391,30 @@ def test_verify_shard_detects_damage(tmp_path: Path) -> None:
     assert not ok and why.startswith("plan fingerprint differs")
 
 
+def test_a_recomputed_task_finds_the_record_an_earlier_attempt_wrote(tmp_path: Path) -> None:
+    """A task recomputed after its worker was lost (the scheduler lost the result, not the
+    shard) returns the record on storage; anything less than a whole shard of its own plan is
+    redone."""
+    from stages.shard_task import ShardTask, finished_earlier
+
+    url = str(tmp_path / "out")
+    layout, plan, _ = write_shard_set(url, [[3, 4], [2]], card=False)
+
+    def task(index: int, fingerprint: str = plan.fingerprint) -> ShardTask:
+        return ShardTask(output_url=url, index=index, num_shards=2, plan_fingerprint=fingerprint,
+                         prompts_sha256=None, metadata={})  # fmt: skip
+
+    assert finished_earlier(task(1)) == read_done(layout, 1)
+    assert finished_earlier(task(1, fingerprint="another plan")) is None
+    data = Path(layout.data_path(0, 2))
+    data.write_bytes(data.read_bytes()[:-10])  # the attempt died mid-write (not atomic storage)
+    assert finished_earlier(task(0)) is None
+    data.unlink()
+    assert finished_earlier(task(0)) is None
+    remove_done(layout, 1)
+    assert finished_earlier(task(1)) is None
+
+
 # ---------------------------------------------------------------- readers
 
 

@@ -12,7 +12,7 @@ import time
 
 import pyarrow.compute as pc
 
-from stages.shard_task import ShardTask, read_prompt_shard, write_shard
+from stages.shard_task import ShardTask, finished_earlier, read_prompt_shard, write_shard
 from stages.teacher.engine import LOGPROBS_MODE, GenerationOptions, TeacherEngine
 from stages.teacher.stage import generate_completions
 from storage.manifest import DoneRecord
@@ -41,6 +41,8 @@ def run_rollout_shard(
         raise RuntimeError(
             f"the policy engine serves {engine.options.model}, the task needs {task.policy_model}"
         )
+    if (record := finished_earlier(task)) is not None:
+        return record
     t0 = time.perf_counter()
     prompts = read_prompt_shard(task)
     timings = {"read_s": time.perf_counter() - t0}

@@ -14,7 +14,7 @@ import time
 
 import pyarrow as pa
 
-from stages.shard_task import ShardTask, read_prompt_shard, write_shard
+from stages.shard_task import ShardTask, finished_earlier, read_prompt_shard, write_shard
 from stages.teacher.engine import GenerationOptions, ScoredTokens, TeacherEngine
 from stages.teacher.generated import byte_table_for, generated_rows, prompt_parts, row_seeds
 from storage.codecs import get_codec
@@ -77,6 +77,8 @@ def generate_completions(
 
 def run_teacher_shard(task: TeacherShardTask, engine: TeacherEngine) -> DoneRecord:
     """Produce logit shard `task.index` and its completion record; return the record."""
+    if (record := finished_earlier(task)) is not None:
+        return record
     t0 = time.perf_counter()
     prompts = read_prompt_shard(task)
     timings = {"read_s": time.perf_counter() - t0}
