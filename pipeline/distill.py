@@ -183,6 +183,7 @@ def run_distill(cfg: DistillConfig, log: Log = print) -> dict[str, Any]:
             seed=seed,
             repeat=True,
             aligner=aligner,
+            pack=cfg.data.pack,
         )
 
     dataset: DistillDataset | MixtureDataset = stream(sources, cfg.train.seed)

@@ -191,18 +191,52 @@ def token_rows(ids: np.ndarray, lengths: np.ndarray, prompt_len: np.ndarray) -> 
 
 @dataclass(frozen=True)
 class _Padded:
-    """Selected rows' tokens as a right-padded matrix, and where each token came from."""
+    """Selected rows' tokens as a right-padded matrix, and where each token came from.
 
-    input_ids: np.ndarray  # int64 [B, L]
-    attention_mask: np.ndarray  # int64 [B, L]
+    Unpacked, batch row b is selected row b. Packed, several rows share one sequence, each
+    starting where the previous one ended, and ``position_ids`` restart at 0 for every row
+    (and for the padding tail, which thereby is a segment of its own).
+    """
+
+    input_ids: np.ndarray  # int64 [S, L]
+    attention_mask: np.ndarray  # int64 [S, L]
+    position_ids: np.ndarray | None  # int64 [S, L], packed batches only
     src: np.ndarray  # [T] each token's index in the flat arrays
-    row: np.ndarray  # [T] its row in the batch
-    col: np.ndarray  # [T] its column
-    lengths: np.ndarray  # [B]
+    row: np.ndarray  # [T] its selected row
+    pos: np.ndarray  # [T] its position within that row
+    seq: np.ndarray  # [T] the batch sequence it was placed in
+    col: np.ndarray  # [T] its column there
+    lengths: np.ndarray  # [R] the selected rows' lengths
+
+
+def pack_rows(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """First-fit decreasing: (sequence, start column) per row, no sequence longer than width.
+
+    The loop is over rows (a batch's worth), never over tokens. Rows are placed longest first,
+    each in the first sequence with room, so a batch of mixed lengths needs about
+    sum(lengths) / width sequences instead of one per row.
+    """
+    if len(lengths) and int(lengths.max()) > width:
+        raise ValueError(f"a row of {int(lengths.max())} tokens does not fit {width}")
+    seq = np.zeros(len(lengths), dtype=np.int64)
+    start = np.zeros(len(lengths), dtype=np.int64)
+    used = np.zeros(len(lengths), dtype=np.int64)  # at most one sequence per row
+    count = 0
+    for i in np.argsort(-lengths, kind="stable"):
+        fits = np.flatnonzero(used[:count] + lengths[i] <= width)
+        s = int(fits[0]) if len(fits) else count
+        count = max(count, s + 1)
+        seq[i], start[i] = s, used[s]
+        used[s] += lengths[i]
+    return seq, start
 
 
 def _pad_tokens(
-    row_offsets: np.ndarray, flat_ids: np.ndarray, select: np.ndarray, pad_id: int
+    row_offsets: np.ndarray,
+    flat_ids: np.ndarray,
+    select: np.ndarray,
+    pad_id: int,
+    pack: bool = False,
 ) -> _Padded:
     """One gather and one scatter: the token matrix both collates start from."""
     starts = row_offsets[select]
@@ -210,12 +244,38 @@ def _pad_tokens(
     num_rows, width = len(select), int(lengths.max())
     src, offsets = ragged_gather(starts, lengths)
     row = np.repeat(np.arange(num_rows), lengths)
-    col = np.arange(offsets[-1]) - offsets[row]
-    input_ids = np.full((num_rows, width), pad_id, dtype=np.int64)
-    input_ids[row, col] = flat_ids[src]
-    attention_mask = np.zeros((num_rows, width), dtype=np.int64)
-    attention_mask[row, col] = 1
-    return _Padded(input_ids, attention_mask, src, row, col, lengths)
+    pos = np.arange(offsets[-1]) - offsets[row]
+    if pack:
+        row_seq, row_start = pack_rows(lengths, width)
+        seq, col = row_seq[row], row_start[row] + pos
+        num_seqs = int(row_seq.max()) + 1
+    else:
+        seq, col, num_seqs = row, pos, num_rows
+    input_ids = np.full((num_seqs, width), pad_id, dtype=np.int64)
+    input_ids[seq, col] = flat_ids[src]
+    attention_mask = np.zeros((num_seqs, width), dtype=np.int64)
+    attention_mask[seq, col] = 1
+    position_ids = None
+    if pack:
+        used = attention_mask.sum(axis=1)
+        position_ids = np.maximum(np.arange(width)[None, :] - used[:, None], 0)
+        position_ids[seq, col] = pos
+    return _Padded(input_ids, attention_mask, position_ids, src, row, pos, seq, col, lengths)
+
+
+def _token_tensors(
+    tokens: _Padded, loss_mask: np.ndarray, targets: np.ndarray
+) -> dict[str, torch.Tensor]:
+    """The keys every batch has (and ``position_ids`` when packed)."""
+    batch = {
+        "input_ids": torch.from_numpy(tokens.input_ids),
+        "attention_mask": torch.from_numpy(tokens.attention_mask),
+        "loss_mask": torch.from_numpy(loss_mask),
+        "target_ids": torch.from_numpy(targets),
+    }
+    if tokens.position_ids is not None:
+        batch["position_ids"] = torch.from_numpy(tokens.position_ids)
+    return batch
 
 
 def collate(
@@ -224,55 +284,52 @@ def collate(
     pad_id: int,
     include_prompt: bool = False,
     select: np.ndarray | None = None,
+    pack: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One training batch from the rows ``select`` of ``rows`` (default: all of them).
 
     Position j of a row of n tokens is trained when it has a next token (j < n - 1) and,
     unless ``include_prompt``, that token is a completion token (j >= prompt_len - 1). The
     selected rows are gathered straight into the padded tensors: one gather, one scatter.
+    ``pack`` places several rows in one sequence (`pack_rows`) and adds ``position_ids``.
     """
     select = np.arange(rows.num_rows) if select is None else np.asarray(select, dtype=np.int64)
-    tokens = _pad_tokens(rows.row_offsets, rows.input_ids, select, pad_id)
-    src, row, col, lengths = tokens.src, tokens.row, tokens.col, tokens.lengths
-    num_rows, width = tokens.input_ids.shape
-    input_ids, attention_mask = tokens.input_ids, tokens.attention_mask
+    tokens = _pad_tokens(rows.row_offsets, rows.input_ids, select, pad_id, pack)
+    src, row, pos, lengths = tokens.src, tokens.row, tokens.pos, tokens.lengths
+    seq, col = tokens.seq, tokens.col
+    shape = tokens.input_ids.shape
 
-    has_next = col < lengths[row] - 1
+    has_next = pos < lengths[row] - 1
     prompt_len = rows.prompt_len[select].astype(np.int64)
-    first = np.zeros(num_rows, dtype=np.int64) if include_prompt else prompt_len - 1
-    trained = has_next & (col >= first[row])
-    loss_mask = np.zeros((num_rows, width), dtype=bool)
-    loss_mask[row[trained], col[trained]] = True
+    first = np.zeros(len(select), dtype=np.int64) if include_prompt else prompt_len - 1
+    trained = has_next & (pos >= first[row])
+    loss_mask = np.zeros(shape, dtype=bool)
+    loss_mask[seq[trained], col[trained]] = True
     # Position j's target is token j + 1 of the same row; positions without one keep -100.
-    targets = np.full((num_rows, width), -100, dtype=np.int64)
-    targets[row[has_next], col[has_next]] = rows.input_ids[src[has_next] + 1]
-    batch = {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention_mask),
-        "loss_mask": torch.from_numpy(loss_mask),
-        "target_ids": torch.from_numpy(targets),
-    }
+    targets = np.full(shape, -100, dtype=np.int64)
+    targets[seq[has_next], col[has_next]] = rows.input_ids[src[has_next] + 1]
+    batch = _token_tensors(tokens, loss_mask, targets)
     # Logprobs of each position's target token: the teacher's (stored for every row) and the
     # sampling policy's (rollouts only); the on-policy loss reads both.
     for name, values in (
         ("next_logprob", rows.next_logprob),
         ("policy_logprob", rows.policy_logprobs()),
     ):
-        padded = np.full((num_rows, width), np.nan, dtype=np.float32)
-        padded[row, col] = values[src]
+        padded = np.full(shape, np.nan, dtype=np.float32)
+        padded[seq, col] = values[src]
         batch[name] = torch.from_numpy(padded)
     if rows.k > 0:
-        topk_ids = np.zeros((num_rows, width, rows.k), dtype=np.int64)
-        topk_lps = np.full((num_rows, width, rows.k), -np.inf, dtype=np.float32)
-        topk_ids[row, col] = rows.topk_ids[src]
-        topk_lps[row, col] = rows.topk_logprobs[src]
+        topk_ids = np.zeros((*shape, rows.k), dtype=np.int64)
+        topk_lps = np.full((*shape, rows.k), -np.inf, dtype=np.float32)
+        topk_ids[seq, col] = rows.topk_ids[src]
+        topk_lps[seq, col] = rows.topk_logprobs[src]
         batch["topk_ids"] = torch.from_numpy(topk_ids)
         batch["topk_logprobs"] = torch.from_numpy(topk_lps)
     return batch
 
 
 def collate_aligned(
-    rows: AlignedRows, *, pad_id: int, select: np.ndarray | None = None
+    rows: AlignedRows, *, pad_id: int, select: np.ndarray | None = None, pack: bool = False
 ) -> dict[str, torch.Tensor]:
     """A cross-tokenizer batch: student tokens, with teacher targets per aligned span.
 
@@ -282,36 +339,33 @@ def collate_aligned(
     there, ``span_topk_ids`` / ``span_topk_logprobs`` [B, L, k] hold the teacher's top-k for
     the span's first teacher token and ``span_chain`` [B, L] the teacher's logprob of the
     span's other teacher tokens. Within ``x[loss_mask]`` (row-major), each span's positions
-    are contiguous and its start comes first, so ``cumsum(span_start) - 1`` numbers the spans.
+    are contiguous and its start comes first, so ``cumsum(span_start) - 1`` numbers the spans
+    (packed or not: a row is contiguous within its sequence).
     """
     select = np.arange(rows.num_rows) if select is None else np.asarray(select, dtype=np.int64)
-    tokens = _pad_tokens(rows.row_offsets, rows.input_ids, select, pad_id)
-    src, row, col, lengths = tokens.src, tokens.row, tokens.col, tokens.lengths
-    num_rows, width = tokens.input_ids.shape
-    input_ids, attention_mask = tokens.input_ids, tokens.attention_mask
+    tokens = _pad_tokens(rows.row_offsets, rows.input_ids, select, pad_id, pack)
+    src, row, pos, lengths = tokens.src, tokens.row, tokens.pos, tokens.lengths
+    shape = tokens.input_ids.shape
 
-    has_next = col < lengths[row] - 1
-    here, r, c = src[has_next], row[has_next], col[has_next]
-    span = rows.span_offsets[select][r] + rows.token_span[here + 1]  # the predicted token's
+    has_next = pos < lengths[row] - 1
+    here, r, c = src[has_next], tokens.seq[has_next], tokens.col[has_next]
+    span = rows.span_offsets[select][row[has_next]] + rows.token_span[here + 1]  # predicted's
     trained = rows.span_trained[span]
     first = trained & (rows.token_span[here + 1] != rows.token_span[here])
-    targets = np.full((num_rows, width), -100, dtype=np.int64)
+    targets = np.full(shape, -100, dtype=np.int64)
     targets[r, c] = rows.input_ids[here + 1]
-    loss_mask = np.zeros((num_rows, width), dtype=bool)
+    loss_mask = np.zeros(shape, dtype=bool)
     loss_mask[r[trained], c[trained]] = True
-    span_start = np.zeros((num_rows, width), dtype=bool)
+    span_start = np.zeros(shape, dtype=bool)
     span_start[r[first], c[first]] = True
-    topk_ids = np.zeros((num_rows, width, rows.k), dtype=np.int64)
-    topk_lps = np.full((num_rows, width, rows.k), -np.inf, dtype=np.float32)
-    chain = np.zeros((num_rows, width), dtype=np.float32)
+    topk_ids = np.zeros((*shape, rows.k), dtype=np.int64)
+    topk_lps = np.full((*shape, rows.k), -np.inf, dtype=np.float32)
+    chain = np.zeros(shape, dtype=np.float32)
     topk_ids[r[first], c[first]] = rows.topk_ids[span[first]]
     topk_lps[r[first], c[first]] = rows.topk_logprobs[span[first]]
     chain[r[first], c[first]] = rows.chain[span[first]]
     return {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention_mask),
-        "loss_mask": torch.from_numpy(loss_mask),
-        "target_ids": torch.from_numpy(targets),
+        **_token_tensors(tokens, loss_mask, targets),
         "span_start": torch.from_numpy(span_start),
         "span_topk_ids": torch.from_numpy(topk_ids),
         "span_topk_logprobs": torch.from_numpy(topk_lps),
@@ -344,6 +398,7 @@ class DistillDataset(IterableDataset):
         repeat: bool = False,
         cache_mb: int = 1024,
         aligner: Aligner | None = None,
+        pack: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1 or shuffle_shards < 1:
@@ -357,6 +412,7 @@ class DistillDataset(IterableDataset):
         self.seed = seed
         self.drop_last = drop_last
         self.repeat = repeat
+        self.pack = pack
         self.cache_bytes = cache_mb << 20
         # With an aligner, rows are re-cut by the student's tokenizer once per shard read;
         # rows that cannot be aligned are counted per shard (and reason) in align_drops.
@@ -424,8 +480,14 @@ class DistillDataset(IterableDataset):
 
     def _collate(self, pool: Rows, select: np.ndarray | None) -> dict[str, torch.Tensor]:
         if isinstance(pool, AlignedRows):
-            return collate_aligned(pool, pad_id=self.pad_id, select=select)
-        return collate(pool, pad_id=self.pad_id, include_prompt=self.include_prompt, select=select)
+            return collate_aligned(pool, pad_id=self.pad_id, select=select, pack=self.pack)
+        return collate(
+            pool,
+            pad_id=self.pad_id,
+            include_prompt=self.include_prompt,
+            select=select,
+            pack=self.pack,
+        )
 
 
 class MixtureDataset(IterableDataset):

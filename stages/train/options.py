@@ -108,6 +108,11 @@ class DataOptions(BaseModel):
     batch_size: int = Field(128, ge=1, description="Rows per batch (per device).")
     shuffle: bool = True
     shuffle_shards: int = Field(4, ge=1, description="Whole shards mixed in the shuffle buffer.")
+    pack: bool = Field(
+        False,
+        description="Pack a batch's rows into as few sequences as its longest row allows "
+        "(attention stays within each row; losses unchanged), instead of one padded row each.",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     strict: bool = Field(True, description="Refuse a source with incomplete shards.")
     mix: MixOptions | None = Field(

@@ -85,6 +85,22 @@ def logits_at(model: torch.nn.Module, mask: torch.Tensor) -> Iterator[_Selection
         handle.remove()
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What the model is called with for a loader batch, packed (see `collate`) or not.
+
+    A packed batch passes ``position_ids`` and no attention mask: transformers then builds a
+    block-diagonal causal mask from where the positions restart (`masking_utils`), for every
+    attention implementation. Without a cache only: with one it would skip that detection.
+    """
+    if "position_ids" in batch:
+        return {
+            "input_ids": batch["input_ids"],
+            "position_ids": batch["position_ids"],
+            "use_cache": False,
+        }
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
 class DistillTrainer(Trainer):
     """`Trainer` whose batches carry sparse teacher targets for the trained positions."""
 
@@ -125,7 +141,7 @@ class DistillTrainer(Trainer):
         mask = inputs["loss_mask"]
         # Only trained positions reach the output layer and the vocabulary-wide loss.
         with logits_at(self.accelerator.unwrap_model(model), mask) as at:
-            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            out = model(**model_inputs(inputs))
         logits = at.select(out.logits)
         if "span_start" in inputs:
             loss, parts = self._span_loss(logits, inputs, mask)
