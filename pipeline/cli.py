@@ -1,5 +1,5 @@
 """`logitforge` command line: cache-teacher, generate-teacher, rollout, distill, onpolicy,
-align, evaluate, demo, demo-xtok, demo-codecs, demo-onpolicy, inspect, push, pull."""
+prune, align, evaluate, demo, demo-xtok, demo-codecs, demo-onpolicy, inspect, push, pull."""
 
 from __future__ import annotations
 
@@ -70,6 +70,16 @@ def _onpolicy(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides, OnPolicyConfig)
     summary = run_onpolicy(cfg, log=lambda msg: print(msg, flush=True))
     _write_json(args.summary_json, summary)
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.prune import PruneConfig, run_prune
+
+    cfg = load_config(args.config, _overrides(args, output="output"), PruneConfig)
+    record = run_prune(cfg, log=lambda msg: print(msg, flush=True))
+    _write_json(args.summary_json, record)
     return 0
 
 
@@ -227,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     onpolicy.add_argument("--summary-json", help="also write the summary as JSON here")
     onpolicy.set_defaults(func=_onpolicy)
 
+    prune = sub.add_parser(
+        "prune", help="cut a student from a checkpoint: whole layers and MLP channels"
+    )
+    prune.add_argument("--config", default="configs/smollm2/prune.yaml", help="YAML config")
+    prune.add_argument("--set", action="append", metavar="KEY=VALUE", help="override")
+    prune.add_argument("--output", help="where the pruned checkpoint goes (output)")
+    prune.add_argument("--summary-json", help="also write the record as JSON here")
+    prune.set_defaults(func=_prune)
+
     align = sub.add_parser(
         "align",
         help="check how a cache aligns to another tokenizer (rows kept, dropped, span shapes, "
@@ -372,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.hub import HubError
     from stages.prompts import InputError
+    from stages.prune import PruneError
     from stages.train.loader import SourceError
     from storage.manifest import PlanMismatchError
 
@@ -381,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         HubError,
         InputError,
         PlanMismatchError,
+        PruneError,
         SourceError,
         ValidationError,
         FileNotFoundError,

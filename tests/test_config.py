@@ -17,6 +17,7 @@ from pipeline.config import (
 )
 from pipeline.demo.stdlib_data import DATA_FILES, DEFAULT_DATA_DIR
 from pipeline.onpolicy import OnPolicyConfig
+from pipeline.prune import PruneConfig
 from tests.conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "configs"
@@ -32,6 +33,7 @@ KINDS = {
     "smollm2/cache-chat.yaml": CacheTeacherConfig,
     "smollm2/generate-chat-greedy.yaml": CacheTeacherConfig,
     "smollm2/generate-chat-sampled.yaml": CacheTeacherConfig,
+    "smollm2/prune.yaml": PruneConfig,
 }
 
 

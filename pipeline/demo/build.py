@@ -382,14 +382,19 @@ def build_teacher(
 
 
 def write_build(
-    out: Path, model, tokenizer, record: dict, verify: Callable[[Path], None] | None = None
+    out: Path,
+    model,
+    tokenizer,
+    record: dict,
+    verify: Callable[[Path], None] | None = None,
+    record_file: str = "build.json",
 ) -> None:
     """Save model, tokenizer and build.json to a temporary folder, then rename it to ``out``.
 
-    An interrupted build never leaves a half model behind, and build.json (the cache marker)
-    only ever sits next to the complete files it describes. ``verify(folder)`` runs on the
-    saved files before build.json is written (it may add to ``record``); if it raises, the
-    folder is removed and ``out`` keeps what it had.
+    An interrupted build never leaves a half model behind, and build.json (the cache marker;
+    ``record_file`` names it otherwise) only ever sits next to the complete files it
+    describes. ``verify(folder)`` runs on the saved files before build.json is written (it
+    may add to ``record``); if it raises, the folder is removed and ``out`` keeps what it had.
     """
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -403,7 +408,7 @@ def write_build(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    (tmp / "build.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    (tmp / record_file).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         out.rename(old)
