@@ -191,3 +191,33 @@ def test_vllm_serves_the_pruned_checkpoint_like_transformers(pruned, train_cache
         engine.close()
     np.testing.assert_allclose(got.topk_logprobs, want.topk_logprobs, atol=2e-3)
     assert (got.topk_ids[:, 0] == want.topk_ids[:, 0]).mean() > 0.99
+
+
+def test_full_vocabulary_kl_by_hand() -> None:
+    from stages.evaluate.metrics import full_kl
+
+    teacher = torch.tensor([[0.0, np.log(2.0)], [5.0, 5.0]])
+    student = torch.tensor([[0.0, 0.0, 30.0], [1.0, 1.0, -3.0]])  # one padded vocabulary id
+    want = [np.log(2 / 3) / 3 + 2 * np.log(4 / 3) / 3, 0.0]
+    np.testing.assert_allclose(full_kl(teacher, student).numpy(), want, atol=1e-12)
+
+
+def test_score_against_teacher_bounds_the_cached_kl(pruned, teacher_dir, train_cache) -> None:
+    """The teacher against itself: KL 0, agreement 1. The pruned student: its full KL is at
+    least the cache's top-k-plus-rest KL (a coarser partition of the same distributions)."""
+    from stages.evaluate.metrics import held_out_batches, score_against_teacher, score_student
+    from stages.train.loader import LogitSource
+
+    out, _ = pruned
+    source = LogitSource.open(str(train_cache))
+    data = held_out_batches(source, pad_id=0, batch_size=128)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    student = AutoModelForCausalLM.from_pretrained(out)
+    itself = score_against_teacher(teacher, teacher, data)
+    assert itself["kl_full"] == pytest.approx(0.0, abs=1e-9)
+    assert itself["top1_agreement"] == 1.0
+    full = score_against_teacher(student, teacher, data)
+    cached = score_student(student, data)
+    assert full["tokens"] == cached["tokens"] > 0
+    assert full["perplexity"] == pytest.approx(cached["perplexity"], rel=1e-4)
+    assert full["kl_full"] >= cached["kl_to_teacher"] - 1e-3 > 0

@@ -6,7 +6,9 @@ from stages.evaluate.metrics import (
     answer_text,
     decode_answers,
     exact_match,
+    full_kl,
     held_out_rows,
+    score_against_teacher,
     score_student,
 )
 
@@ -17,7 +19,9 @@ __all__ = [
     "decode_answers",
     "evaluate_checkpoints",
     "exact_match",
+    "full_kl",
     "held_out_rows",
     "render_table",
+    "score_against_teacher",
     "score_student",
 ]

@@ -5,6 +5,8 @@
   cached rows (the loader's batches, so the positions are exactly the training positions).
   The KL merges the teacher's tail outside its top-k into one bucket ("rest"): exact on that
   coarser support and, by the data-processing inequality, a lower bound on the full KL.
+- ``score_against_teacher``: the same with the teacher model itself at hand (a pruned
+  student and its teacher are both here): the KL over the full vocabulary, no bucket.
 - ``exact_match``: greedy answers decoded by an engine, compared with the reference completion
   up to the first EOS or newline, surrounding white space ignored.
 """
@@ -133,6 +135,51 @@ def score_student(
         "perplexity": math.exp(nll / tokens),
         "nll": nll / tokens,
         "kl_to_teacher": kl / tokens,
+        "top1_agreement": agree / tokens,
+        "tokens": tokens,
+    }
+
+
+def full_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """[N] KL(teacher || student) per position over the whole vocabulary, in nats.
+
+    The vocabularies may differ in padding (a model's embedding is often rounded up): both
+    are cut to the shorter one, whose ids are the tokenizer's.
+    """
+    v = min(teacher_logits.shape[-1], student_logits.shape[-1])
+    lt = torch.log_softmax(teacher_logits[..., :v].double(), -1)
+    ls = torch.log_softmax(student_logits[..., :v].double(), -1)
+    return (lt.exp() * (lt - ls)).sum(-1)
+
+
+@torch.inference_mode()
+def score_against_teacher(model: Any, teacher: Any, dataset: DistillDataset) -> dict[str, float]:
+    """Perplexity, full-vocabulary KL(teacher || student) and top-1 agreement with the
+    teacher's argmax on the trained positions of ``dataset`` (the loader's batches)."""
+    from stages.train.trainer import logits_at, model_inputs
+
+    model.eval()
+    teacher.eval()
+    nll = kl = agree = 0.0
+    tokens = 0
+    for batch in dataset:
+        mask = batch["loss_mask"]
+        logits = []
+        for m in (model, teacher):  # the output layer runs on the trained positions only
+            with logits_at(m, mask) as at:
+                logits.append(at.select(m(**model_inputs(batch)).logits).float())
+        student, reference = logits
+        targets = batch["target_ids"][mask]
+        nll += float(torch.nn.functional.cross_entropy(student, targets, reduction="sum"))
+        kl += float(full_kl(reference, student).sum())
+        agree += float((student.argmax(-1) == reference.argmax(-1)).sum())
+        tokens += int(mask.sum())
+    if tokens == 0:
+        raise ValueError(f"{dataset.sources[0].url}: no trained positions to evaluate")
+    return {
+        "perplexity": math.exp(nll / tokens),
+        "nll": nll / tokens,
+        "kl_full": kl / tokens,
         "top1_agreement": agree / tokens,
         "tokens": tokens,
     }
