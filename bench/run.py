@@ -29,11 +29,14 @@ output, and generate-teacher on held-out chat prompts (tokens/s, share ending in
 Plus the student step at a 151,936-token vocabulary (bench/student_step.py): forward, loss,
 backward and optimizer time per loss kind, the fused path against the previous one.
 
+Plus packed against padded training batches on the real teacher's cache (bench/packing.py):
+trained tokens/s of a pruned SmolLM2 student, the same batches both ways.
+
 Plus cross-tokenizer alignment: vectorised `align_spans` against its per-token reference on
 the same rows, and `Aligner.align` end to end (bench/align.py; a few seconds, no teacher).
 
-    python -m bench.run [--suite tiny|llama45m|smollm2|student|loader|align|plan|codecs|all]
-                        [--rows N] [--seq-len N] [--k 64] [--slow]
+    python -m bench.run [--suite tiny|llama45m|smollm2|student|packing|loader|align|plan|codecs
+                         |all] [--rows N] [--seq-len N] [--k 64] [--slow]
 """
 
 from __future__ import annotations
@@ -399,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             "llama45m",
             "smollm2",
             "student",
+            "packing",
             "loader",
             "align",
             "plan",
@@ -416,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     # The in-process engines (floor, vLLM alone) get the cores a single pipeline worker gets.
     bind_engine_cpus(engine_cpus(AUTO, None, None, allowed_cpus()))
 
-    no_teacher = ("align", "codecs", "smollm2", "student")
+    no_teacher = ("align", "codecs", "smollm2", "student", "packing")
     teacher = _teacher_dir() if args.suite not in no_teacher else None
     suites = []
     if args.suite in ("tiny", "loader", "all"):
@@ -452,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print("== student step at a 151,936-token vocabulary (old path vs new)", flush=True)
         student = report["student_step"] = bench_student_step()
+    packing = None
+    if args.suite in ("packing", "all"):
+        from bench.packing import bench_packing
+
+        packing = report["packing"] = bench_packing()
     loader = None
     if args.suite in ("loader", "all"):
         from bench.loader import bench_loader
@@ -492,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.student_step import render as render_student
 
         print(render_student(student))
+    if packing is not None:
+        from bench.packing import render as render_packing
+
+        print(render_packing(packing))
     if loader is not None:
         from bench.loader import render
 

@@ -34,6 +34,7 @@ KINDS = {
     "smollm2/generate-chat-greedy.yaml": CacheTeacherConfig,
     "smollm2/generate-chat-sampled.yaml": CacheTeacherConfig,
     "smollm2/prune.yaml": PruneConfig,
+    "smollm2/heal.yaml": DistillConfig,
 }
 
 
