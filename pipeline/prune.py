@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.config import fingerprint
+from stages.prompts import tokenizer_fingerprint
 from stages.prune import (
     choose_layers,
     decoder_layers,
@@ -28,7 +29,7 @@ from stages.prune import (
     prune_layers,
     prune_mlp,
 )
-from stages.train.loader import LogitSource
+from stages.train.loader import open_sources
 
 Log = Callable[[str], None]
 RECORD_FILE = "prune.json"
@@ -82,9 +83,15 @@ class PruneConfig(BaseModel):
         return self
 
 
-def calibration_batches(opts: CalibrationOptions, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """The first ``opts.rows`` rows of the cache, cut to ``max_len``, right-padded batches."""
-    source = LogitSource.open(opts.data)
+def calibration_batches(
+    opts: CalibrationOptions, pad_id: int, tokenizer_fp: str | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """The first ``opts.rows`` rows of the cache, cut to ``max_len``, right-padded batches.
+
+    Given the model's tokenizer fingerprint ``tokenizer_fp``, a cache of another tokenizer is
+    refused: its ids would mean other tokens, and the scores would measure nothing.
+    """
+    (source,) = open_sources([opts.data], tokenizer_fingerprint=tokenizer_fp)
     rows: list[np.ndarray] = []
     for shard in range(source.num_shards):
         batch = source.read(shard)
@@ -136,7 +143,9 @@ def run_prune(cfg: PruneConfig, log: Log = print) -> dict[str, Any]:
     before = num_parameters(model)
     importance = None
     if cfg.calibration is not None:
-        batches = calibration_batches(cfg.calibration, tokenizer.pad_token_id)
+        batches = calibration_batches(
+            cfg.calibration, tokenizer.pad_token_id, tokenizer_fingerprint(tokenizer)
+        )
         importance = measure_importance(model, batches)
         log(
             f"measured importance on {importance.tokens:,} tokens; block influence per layer: "

@@ -221,3 +221,13 @@ def test_score_against_teacher_bounds_the_cached_kl(pruned, teacher_dir, train_c
     assert full["tokens"] == cached["tokens"] > 0
     assert full["perplexity"] == pytest.approx(cached["perplexity"], rel=1e-4)
     assert full["kl_full"] >= cached["kl_to_teacher"] - 1e-3 > 0
+
+
+def test_calibration_on_another_tokenizers_cache_is_refused(train_cache: Path) -> None:
+    from pipeline.prune import CalibrationOptions
+    from stages.train.loader import SourceError
+
+    opts = CalibrationOptions(data=str(train_cache), rows=4)
+    assert sum(int(b["attention_mask"].sum()) for b in calibration_batches(opts, 0)) > 0
+    with pytest.raises(SourceError, match="tokenizer"):
+        calibration_batches(opts, 0, tokenizer_fp="0" * 64)
