@@ -13,6 +13,7 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
+from bench.student_step import _Tokenizer
 from pipeline.cli import main
 from pipeline.prune import RECORD_FILE, PruneConfig, calibration_batches, run_prune
 from stages.prune import (
@@ -28,16 +29,9 @@ from stages.train.student import build_llama
 from tests.conftest import TEST_K
 
 
-class _Tokenizer:
-    vocab_size, bos_token_id, eos_token_id, pad_token_id, model_max_length = 96, 1, 2, 0, 64
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-
 def _model(layers: int = 4, seed: int = 0):
     arch = StudentArch(hidden_size=64, num_layers=layers, num_heads=2, intermediate_size=96)
-    return build_llama(arch, _Tokenizer(), seed=seed).eval()
+    return build_llama(arch, _Tokenizer(96), seed=seed).eval()
 
 
 def _batches(seed: int = 0) -> list[dict[str, torch.Tensor]]:
